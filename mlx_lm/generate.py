@@ -1,0 +1,847 @@
+"""Text generation: the token loop, streaming, speculative and batched decoding, and the
+``mlx_lm.generate`` command line."""
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Generator, List, Optional, Tuple, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .models import cache as kv
+from .sample_utils import make_logits_processors, make_sampler
+from .tokenizer_utils import TokenizerWrapper
+
+DEFAULT_PROMPT = "def fibonacci(n):"
+DEFAULT_MAX_TOKENS = 100
+DEFAULT_TEMP = 0.0
+DEFAULT_TOP_P = 1.0
+DEFAULT_MIN_P = 0.0
+DEFAULT_TOP_K = 0
+DEFAULT_SEED = None
+DEFAULT_KV_GROUP_SIZE = 64
+DEFAULT_QUANTIZED_KV_START = 0
+KV_BITS_CHOICES = (2, 3, 4, 5, 6, 8)
+KV_GROUP_CHOICES = (32, 64, 128)
+
+# Work queued here runs apart from whatever the caller has on the default stream.
+generation_stream = mx.new_stream(mx.default_device())
+
+
+@dataclass
+class GenerationResponse:
+    """One step of :func:`stream_generate`.
+
+    ``text`` is the newly decodable piece of text (may be empty), ``token`` the sampled id,
+    ``logprobs`` the log-probabilities it was drawn from and ``from_draft`` whether a draft
+    model proposed it. Throughput figures are tokens per second; ``peak_memory`` is in GB.
+    ``finish_reason`` is ``"stop"``, ``"length"`` or ``None`` while generation goes on.
+    """
+
+    text: str
+    token: int
+    logprobs: mx.array
+    from_draft: bool
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float
+    finish_reason: Optional[str] = None
+
+
+def check_kv_options(
+    max_kv_size: Optional[int] = None,
+    kv_bits: Optional[int] = None,
+    kv_group_size: int = DEFAULT_KV_GROUP_SIZE,
+    quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START,
+):
+    """Raise ``ValueError`` naming the first out-of-range KV-cache option."""
+    if max_kv_size is not None and max_kv_size < 1:
+        raise ValueError(f"max_kv_size must be a positive integer, got {max_kv_size}")
+    if kv_bits is not None and kv_bits not in KV_BITS_CHOICES:
+        raise ValueError(f"kv_bits must be one of {KV_BITS_CHOICES}, got {kv_bits}")
+    if kv_group_size not in KV_GROUP_CHOICES:
+        raise ValueError(
+            f"kv_group_size must be one of {KV_GROUP_CHOICES}, got {kv_group_size}"
+        )
+    if quantized_kv_start < 0:
+        raise ValueError(
+            f"quantized_kv_start must be non-negative, got {quantized_kv_start}"
+        )
+
+
+def maybe_quantize_kv_cache(prompt_cache, quantized_kv_start, kv_group_size, kv_bits):
+    """Swap full-precision layers for quantized ones once they hold enough tokens."""
+    if kv_bits is None:
+        return
+    for i, layer in enumerate(prompt_cache):
+        if hasattr(layer, "to_quantized") and layer.offset >= quantized_kv_start:
+            prompt_cache[i] = layer.to_quantized(group_size=kv_group_size, bits=kv_bits)
+
+
+def _greedy(logprobs: mx.array) -> mx.array:
+    return mx.argmax(logprobs, axis=-1)
+
+
+def _make_cache(model, prompt_cache, max_kv_size):
+    if prompt_cache is None:
+        return kv.make_prompt_cache(model, max_kv_size=max_kv_size)
+    if len(prompt_cache) != len(model.layers):
+        raise ValueError(
+            f"prompt_cache has {len(prompt_cache)} layers but the model has "
+            f"{len(model.layers)}"
+        )
+    return prompt_cache
+
+
+def _prefill(model, prompt, cache, step, after_chunk, progress):
+    """Run all but the last ``keep`` tokens of ``prompt`` through the model in chunks.
+
+    Returns the tokens still to be fed (at least one), so that the first decode step
+    produces logits for the next token.
+    """
+    total = prompt.shape[0]
+    done = 0
+    progress(done, total)
+    while total - done > 1:
+        n = min(step, total - done - 1)
+        model(prompt[None, done : done + n], cache=cache)
+        after_chunk(cache)
+        mx.eval([c.state for c in cache])
+        done += n
+        progress(done, total)
+        mx.clear_cache()
+    return prompt[done:]
+
+
+def generate_step(
+    prompt: mx.array,
+    model: nn.Module,
+    *,
+    max_tokens: int = 256,
+    sampler: Optional[Callable[[mx.array], mx.array]] = None,
+    logits_processors: Optional[List[Callable[[mx.array, mx.array], mx.array]]] = None,
+    max_kv_size: Optional[int] = None,
+    prompt_cache: Optional[List[Any]] = None,
+    prefill_step_size: int = 2048,
+    kv_bits: Optional[int] = None,
+    kv_group_size: int = DEFAULT_KV_GROUP_SIZE,
+    quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START,
+    prompt_progress_callback: Optional[Callable[[int, int], None]] = None,
+) -> Generator[Tuple[int, mx.array], None, None]:
+    """Yield ``(token, logprobs)`` pairs continuing ``prompt``.
+
+    The prompt is fed in chunks of ``prefill_step_size`` tokens. While the caller handles
+    one token, the next is already being computed (``mx.async_eval``), so the Python
+    overhead overlaps with the model. ``prompt_cache`` is updated in place when given;
+    ``max_tokens=-1`` never stops. ``kv_bits`` switches each layer to a quantized cache
+    once it holds ``quantized_kv_start`` tokens.
+    """
+    if prompt.size == 0:
+        raise ValueError("prompt must contain at least one token")
+    if prefill_step_size < 1:
+        raise ValueError(f"prefill_step_size must be positive, got {prefill_step_size}")
+    check_kv_options(max_kv_size, kv_bits, kv_group_size, quantized_kv_start)
+    cache = _make_cache(model, prompt_cache, max_kv_size)
+    sampler = sampler or _greedy
+    progress = prompt_progress_callback or (lambda done, total: None)
+    history = None
+
+    def after_update(c):
+        maybe_quantize_kv_cache(c, quantized_kv_start, kv_group_size, kv_bits)
+
+    def step(tokens):
+        nonlocal history
+        logits = model(tokens[None], cache=cache)[:, -1, :]
+        if logits_processors:
+            history = mx.concatenate([history, tokens.astype(history.dtype)])
+            for processor in logits_processors:
+                logits = processor(history, logits)
+        after_update(cache)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        return sampler(logprobs), logprobs.squeeze(0)
+
+    with mx.stream(generation_stream):
+        rest = _prefill(model, prompt, cache, prefill_step_size, after_update, progress)
+        history = prompt[: prompt.shape[0] - rest.shape[0]]
+        y, logprobs = step(rest)
+    mx.async_eval(y, logprobs)
+
+    produced = 0
+    if max_tokens == 0:
+        mx.eval(y)
+        progress(prompt.shape[0], prompt.shape[0])
+    while produced != max_tokens:
+        # Queue the following step before handing out this token, so the model
+        # computes while the caller works.
+        if produced + 1 != max_tokens:
+            with mx.stream(generation_stream):
+                upcoming = step(y)
+            mx.async_eval(*upcoming)
+        token = y.item()
+        if produced == 0:
+            progress(prompt.shape[0], prompt.shape[0])
+        yield token, logprobs
+        produced += 1
+        if produced % 256 == 0:
+            mx.clear_cache()
+        if produced != max_tokens:
+            y, logprobs = upcoming
+
+
+def speculative_generate_step(
+    prompt: mx.array,
+    model: nn.Module,
+    draft_model: nn.Module,
+    *,
+    num_draft_tokens: int = 2,
+    max_tokens: int = 256,
+    sampler: Optional[Callable[[mx.array], mx.array]] = None,
+    logits_processors: Optional[List[Callable[[mx.array, mx.array], mx.array]]] = None,
+    prompt_cache: Optional[List[Any]] = None,
+    prefill_step_size: int = 512,
+    kv_bits: Optional[int] = None,
+    kv_group_size: int = DEFAULT_KV_GROUP_SIZE,
+    quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START,
+    prompt_progress_callback: Optional[Callable[[int, int], None]] = None,
+) -> Generator[Tuple[int, mx.array, bool], None, None]:
+    """Yield ``(token, logprobs, from_draft)`` using ``draft_model`` to propose tokens.
+
+    Each round the draft proposes ``num_draft_tokens`` tokens one by one; the main model
+    scores them all in one call and the longest prefix it agrees with is accepted,
+    followed by the main model's own next token. Both caches are then trimmed back to
+    the accepted text, so both must be trimmable. ``prompt_cache``, when given, holds the
+    main model's layers followed by the draft model's.
+    """
+    if prompt.size == 0:
+        raise ValueError("prompt must contain at least one token")
+    if num_draft_tokens < 1:
+        raise ValueError(f"num_draft_tokens must be positive, got {num_draft_tokens}")
+    check_kv_options(None, kv_bits, kv_group_size, quantized_kv_start)
+    n_main = len(model.layers)
+    if prompt_cache is None:
+        main_cache = kv.make_prompt_cache(model)
+        draft_cache = kv.make_prompt_cache(draft_model)
+    else:
+        if len(prompt_cache) != n_main + len(draft_model.layers):
+            raise ValueError(
+                "prompt_cache must hold the main model's layers followed by the draft "
+                f"model's ({n_main} + {len(draft_model.layers)}), got {len(prompt_cache)}"
+            )
+        main_cache, draft_cache = prompt_cache[:n_main], prompt_cache[n_main:]
+    for c in main_cache + draft_cache:
+        if not c.is_trimmable():
+            raise ValueError(
+                f"speculative decoding needs trimmable caches; {type(c).__name__} is not"
+            )
+    sampler = sampler or _greedy
+    progress = prompt_progress_callback or (lambda done, total: None)
+    history = prompt
+
+    def quantize(c):
+        maybe_quantize_kv_cache(c, quantized_kv_start, kv_group_size, kv_bits)
+
+    def sample(logits, tokens_so_far):
+        if logits_processors:
+            for processor in logits_processors:
+                logits = processor(tokens_so_far, logits)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        return sampler(logprobs), logprobs
+
+    with mx.stream(generation_stream):
+        rest = _prefill(
+            model, prompt, main_cache, prefill_step_size, quantize, progress
+        )
+        _prefill(
+            draft_model, prompt, draft_cache, prefill_step_size, quantize, progress
+        )
+    # Tokens the draft cache has not seen yet (the draft ends one token behind when
+    # every proposal was accepted).
+    draft_input = rest
+    y = rest
+    produced = rounds = 0
+    while max_tokens < 0 or produced < max_tokens:
+        left = num_draft_tokens if max_tokens < 0 else max_tokens - produced - 1
+        k = min(num_draft_tokens, left)
+        proposals = []
+        with mx.stream(generation_stream):
+            d_in = draft_input
+            for _ in range(k):
+                logits = draft_model(d_in[None], cache=draft_cache)[:, -1, :]
+                quantize(draft_cache)
+                tok, _ = sample(logits, mx.concatenate([history] + proposals))
+                proposals.append(tok.astype(history.dtype))
+                d_in = tok
+            verify_in = mx.concatenate([y] + proposals) if proposals else y
+            logits = model(verify_in[None], cache=main_cache)[0, -(k + 1) :, :]
+            quantize(main_cache)
+            chosen, chosen_lp = [], []
+            for i in range(k + 1):
+                tok, lp = sample(
+                    logits[i : i + 1], mx.concatenate([history] + proposals[:i])
+                )
+                chosen.append(tok)
+                chosen_lp.append(lp[0])
+        mx.eval(chosen, proposals)
+        main_toks = [t.item() for t in chosen]
+        draft_toks = [t.item() for t in proposals]
+        accepted = 0
+        while accepted < k and main_toks[accepted] == draft_toks[accepted]:
+            accepted += 1
+        for i in range(accepted):
+            yield draft_toks[i], chosen_lp[i], True
+        yield main_toks[accepted], chosen_lp[accepted], False
+        produced += accepted + 1
+        # The main cache saw y + k proposals; keep y + accepted ones.
+        kv.trim_prompt_cache(main_cache, k - accepted)
+        new_y = mx.array([main_toks[accepted]], history.dtype)
+        if accepted == k and k > 0:
+            # The draft never fed its last proposal: feed it with the next token.
+            draft_input = mx.concatenate([proposals[-1], new_y])
+        else:
+            kv.trim_prompt_cache(draft_cache, max(k - 1 - accepted, 0))
+            draft_input = new_y
+        history = mx.concatenate([history] + proposals[:accepted] + [new_y])
+        y = new_y
+        rounds += 1
+        if rounds % 64 == 0:
+            mx.clear_cache()
+
+
+def _encode_prompt(tokenizer, prompt):
+    if isinstance(prompt, mx.array):
+        return prompt
+    if isinstance(prompt, str):
+        bos = getattr(tokenizer, "bos_token", None)
+        add_special = bos is None or not prompt.startswith(bos)
+        prompt = tokenizer.encode(prompt, add_special_tokens=add_special)
+    return mx.array(prompt)
+
+
+def stream_generate(
+    model: nn.Module,
+    tokenizer: Union[TokenizerWrapper, Any],
+    prompt: Union[str, mx.array, List[int]],
+    max_tokens: int = 256,
+    draft_model: Optional[nn.Module] = None,
+    **kwargs,
+) -> Generator[GenerationResponse, None, None]:
+    """Yield :class:`GenerationResponse` objects as text is generated.
+
+    ``prompt`` may be a string (encoded here), a list of ids or an ``mx.array``. With a
+    ``draft_model`` (same tokenizer) decoding is speculative. Remaining keyword arguments
+    go to :func:`generate_step` or :func:`speculative_generate_step`.
+    """
+    if not isinstance(tokenizer, TokenizerWrapper):
+        tokenizer = TokenizerWrapper(tokenizer)
+    prompt = _encode_prompt(tokenizer, prompt)
+    detokenizer = tokenizer.detokenizer
+    detokenizer.reset()
+
+    if draft_model is None:
+        kwargs.pop("num_draft_tokens", None)
+        steps = (
+            (tok, lp, False)
+            for tok, lp in generate_step(prompt, model, max_tokens=max_tokens, **kwargs)
+        )
+    else:
+        if kwargs.pop("max_kv_size", None) is not None:
+            raise ValueError("max_kv_size cannot be combined with a draft model")
+        steps = speculative_generate_step(
+            prompt, model, draft_model, max_tokens=max_tokens, **kwargs
+        )
+
+    start = time.perf_counter()
+    prompt_tps = 0.0
+    n = 0
+    token = None
+    for n, (token, logprobs, from_draft) in enumerate(steps, start=1):
+        if n == 1:
+            prompt_time = time.perf_counter() - start
+            prompt_tps = prompt.size / max(prompt_time, 1e-9)
+            start = time.perf_counter()
+        finished = token in tokenizer.eos_token_ids
+        if not finished:
+            detokenizer.add_token(token)
+        if finished or n == max_tokens:
+            detokenizer.finalize()
+        elapsed = max(time.perf_counter() - start, 1e-9)
+        yield GenerationResponse(
+            text=detokenizer.last_segment,
+            token=token,
+            logprobs=logprobs,
+            from_draft=from_draft,
+            prompt_tokens=prompt.size,
+            prompt_tps=prompt_tps,
+            generation_tokens=n,
+            generation_tps=n / elapsed,
+            peak_memory=mx.get_peak_memory() / 1e9,
+            finish_reason=(
+                "stop" if finished else ("length" if n == max_tokens else None)
+            ),
+        )
+        if finished:
+            return
+
+
+def generate(
+    model: nn.Module,
+    tokenizer: Union[TokenizerWrapper, Any],
+    prompt: Union[str, List[int], mx.array],
+    verbose: bool = False,
+    **kwargs,
+) -> str:
+    """Return the whole generated text; with ``verbose`` stream it and print statistics."""
+    if verbose:
+        print("=" * 10)
+    text = ""
+    response = None
+    for response in stream_generate(model, tokenizer, prompt, **kwargs):
+        if verbose:
+            print(response.text, end="", flush=True)
+        text += response.text
+    if verbose:
+        print()
+        print("=" * 10)
+        if response is None:
+            print("No text generated for this prompt")
+        else:
+            print(
+                f"Prompt: {response.prompt_tokens} tokens, "
+                f"{response.prompt_tps:.3f} tokens-per-sec"
+            )
+            print(
+                f"Generation: {response.generation_tokens} tokens, "
+                f"{response.generation_tps:.3f} tokens-per-sec"
+            )
+            print(f"Peak memory: {response.peak_memory:.3f} GB")
+    return text
+
+
+@dataclass
+class BatchStats:
+    """Totals of one :func:`batch_generate` call (throughput in tokens per second)."""
+
+    prompt_tokens: int = 0
+    prompt_tps: float = 0.0
+    prompt_time: float = 0.0
+    generation_tokens: int = 0
+    generation_tps: float = 0.0
+    generation_time: float = 0.0
+    peak_memory: float = 0.0
+
+
+@dataclass
+class BatchResponse:
+    """Texts of :func:`batch_generate` in prompt order, with statistics."""
+
+    texts: List[str]
+    stats: BatchStats
+    token_ids: Optional[List[List[int]]] = None
+    caches: Optional[List[Any]] = None
+    finish_reasons: List[str] = field(default_factory=list)
+
+
+def batch_generate(
+    model: nn.Module,
+    tokenizer: Union[TokenizerWrapper, Any],
+    prompts: List[List[int]],
+    max_tokens: Union[int, List[int]] = 128,
+    verbose: bool = False,
+    sampler: Optional[Callable[[mx.array], mx.array]] = None,
+    logits_processors: Optional[List[Callable[[mx.array, mx.array], mx.array]]] = None,
+    prefill_step_size: int = 2048,
+    return_token_ids: bool = False,
+    return_prompt_caches: bool = False,
+) -> BatchResponse:
+    """Generate for several tokenized prompts at once over a left-padded ``BatchKVCache``.
+
+    Every layer gets a ``BatchKVCache`` (models with sliding-window layers still mask
+    their window, they just keep the full history). Sequences that hit an EOS token or
+    their own ``max_tokens`` stop contributing text while the others go on.
+    """
+    if not isinstance(tokenizer, TokenizerWrapper):
+        tokenizer = TokenizerWrapper(tokenizer)
+    if len(prompts) == 0:
+        raise ValueError("prompts must not be empty")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt must contain at least one token")
+    limits = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
+    if len(limits) != len(prompts):
+        raise ValueError(
+            f"max_tokens has {len(limits)} entries for {len(prompts)} prompts"
+        )
+    sampler = sampler or _greedy
+    longest = max(len(p) for p in prompts)
+    padding = [longest - len(p) for p in prompts]
+    batch = mx.array([[0] * pad + list(p) for pad, p in zip(padding, prompts)])
+    cache = [kv.BatchKVCache(padding) for _ in model.layers]
+    # Per-sequence token history (without padding) for the logits processors.
+    history = [mx.array(p) for p in prompts]
+
+    def step(tokens):
+        logits = model(tokens, cache=cache)[:, -1, :]
+        if logits_processors:
+            rows = []
+            for i in range(len(prompts)):
+                if tokens.shape[1] == 1:
+                    history[i] = mx.concatenate(
+                        [history[i], tokens[i].astype(mx.int32)]
+                    )
+                row = logits[i : i + 1]
+                for processor in logits_processors:
+                    row = processor(history[i], row)
+                rows.append(row)
+            logits = mx.concatenate(rows, axis=0)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        return sampler(logprobs)
+
+    start = time.perf_counter()
+    with mx.stream(generation_stream):
+        done = 0
+        while longest - done > 1:
+            n = min(prefill_step_size, longest - done - 1)
+            model(batch[:, done : done + n], cache=cache)
+            mx.eval([c.state for c in cache])
+            done += n
+        y = step(batch[:, done:])
+    mx.eval(y)
+    prompt_time = time.perf_counter() - start
+
+    outputs = [[] for _ in prompts]
+    reasons = [None] * len(prompts)
+    start = time.perf_counter()
+    while True:
+        tokens = y.tolist()
+        for i, t in enumerate(tokens):
+            if reasons[i] is not None:
+                continue
+            if t in tokenizer.eos_token_ids:
+                reasons[i] = "stop"
+                continue
+            outputs[i].append(t)
+            if len(outputs[i]) >= limits[i]:
+                reasons[i] = "length"
+        if all(r is not None for r in reasons):
+            break
+        with mx.stream(generation_stream):
+            y = step(y[:, None])
+        mx.eval(y)
+    gen_time = time.perf_counter() - start
+
+    texts = [tokenizer.decode(o) for o in outputs]
+    n_gen = sum(len(o) for o in outputs)
+    stats = BatchStats(
+        prompt_tokens=sum(len(p) for p in prompts),
+        prompt_time=prompt_time,
+        prompt_tps=sum(len(p) for p in prompts) / max(prompt_time, 1e-9),
+        generation_tokens=n_gen,
+        generation_time=gen_time,
+        generation_tps=n_gen / max(gen_time, 1e-9),
+        peak_memory=mx.get_peak_memory() / 1e9,
+    )
+    if verbose:
+        for i, t in enumerate(texts):
+            print(f"[{i}] {t}")
+        print(
+            f"Prompt: {stats.prompt_tokens} tokens, {stats.prompt_tps:.3f} "
+            f"tokens-per-sec\nGeneration: {stats.generation_tokens} tokens, "
+            f"{stats.generation_tps:.3f} tokens-per-sec\n"
+            f"Peak memory: {stats.peak_memory:.3f} GB"
+        )
+    return BatchResponse(
+        texts=texts,
+        stats=stats,
+        token_ids=outputs if return_token_ids else None,
+        caches=cache if return_prompt_caches else None,
+        finish_reasons=reasons,
+    )
+
+
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be non-negative, got {value}")
+    return value
+
+
+def _probability(text):
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be within [0, 1], got {value}")
+    return value
+
+
+def _non_negative_float(text):
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be non-negative, got {value}")
+    return value
+
+
+def _json_object(text):
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"is not valid JSON ({e}): {text!r}")
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
+    return value
+
+
+def _existing_file(text):
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {text!r}")
+    return text
+
+
+def str2bool(text):
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def setup_arg_parser():
+    p = argparse.ArgumentParser(description="Generate text with an MLX language model.")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="Local folder or Hugging Face repo (default: the bundled demo model)",
+    )
+    p.add_argument(
+        "--prompt", "-p", default=DEFAULT_PROMPT, help="Prompt, or - for stdin"
+    )
+    p.add_argument(
+        "--system-prompt", default=None, help="System message for chat models"
+    )
+    p.add_argument(
+        "--max-tokens", "-m", type=_non_negative_int, default=DEFAULT_MAX_TOKENS
+    )
+    p.add_argument("--temp", type=_non_negative_float, default=DEFAULT_TEMP)
+    p.add_argument("--top-p", type=_probability, default=DEFAULT_TOP_P)
+    p.add_argument("--min-p", type=_probability, default=DEFAULT_MIN_P)
+    p.add_argument("--top-k", type=_non_negative_int, default=DEFAULT_TOP_K)
+    p.add_argument("--min-tokens-to-keep", type=_positive_int, default=1)
+    p.add_argument("--repetition-penalty", type=_non_negative_float, default=None)
+    p.add_argument("--repetition-context-size", type=_positive_int, default=20)
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    p.add_argument(
+        "--ignore-chat-template",
+        action="store_true",
+        help="Feed the prompt as-is instead of through the chat template",
+    )
+    p.add_argument(
+        "--chat-template-config",
+        type=_json_object,
+        default=None,
+        help="JSON object of extra arguments for the chat template",
+    )
+    p.add_argument(
+        "--extra-eos-token",
+        nargs="+",
+        default=(),
+        help="Further tokens that end generation",
+    )
+    p.add_argument(
+        "--max-kv-size",
+        type=_positive_int,
+        default=None,
+        help="Keep at most this many tokens in each layer's KV cache",
+    )
+    p.add_argument(
+        "--kv-bits",
+        type=int,
+        choices=KV_BITS_CHOICES,
+        default=None,
+        help="Quantize the KV cache to this many bits",
+    )
+    p.add_argument(
+        "--kv-group-size",
+        type=int,
+        choices=KV_GROUP_CHOICES,
+        default=DEFAULT_KV_GROUP_SIZE,
+    )
+    p.add_argument(
+        "--quantized-kv-start",
+        type=_non_negative_int,
+        default=DEFAULT_QUANTIZED_KV_START,
+        help="Quantize the KV cache once it holds this many tokens",
+    )
+    p.add_argument("--prefill-step-size", type=_positive_int, default=2048)
+    p.add_argument(
+        "--prompt-cache-file",
+        type=_existing_file,
+        default=None,
+        help="Resume from a prompt cache written by mlx_lm.cache_prompt",
+    )
+    p.add_argument("--draft-model", default=None, help="Model for speculative decoding")
+    p.add_argument("--num-draft-tokens", type=_positive_int, default=3)
+    p.add_argument(
+        "--verbose",
+        type=str2bool,
+        default=True,
+        help="Stream text and print statistics (true/false)",
+    )
+    return p
+
+
+def build_prompt(
+    tokenizer,
+    prompt,
+    system_prompt=None,
+    ignore_chat_template=False,
+    template_kwargs=None,
+    suffix_only=False,
+):
+    """Token ids for ``prompt``, through the chat template when the tokenizer has one.
+
+    With ``suffix_only`` (resuming a prompt cache) only the part of the templated text
+    that follows the user's message start is returned, so the cached prefix is not fed
+    twice.
+    """
+    if ignore_chat_template or not tokenizer.has_chat_template:
+        return tokenizer.encode(prompt, add_special_tokens=not suffix_only)
+    messages = []
+    if system_prompt is not None:
+        messages.append({"role": "system", "content": system_prompt})
+    messages.append({"role": "user", "content": prompt})
+    kwargs = dict(template_kwargs or {})
+    text = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, **kwargs
+    )
+    if suffix_only:
+        marker = "\x00mlx-lm-query\x00"
+        messages[-1]["content"] = marker
+        probe = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, **kwargs
+        )
+        text = text[probe.index(marker) :]
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def make_progress_printer(step_size):
+    """Progress callback printing to stderr, for prompts longer than one prefill chunk."""
+
+    def report(done, total):
+        if total <= step_size:
+            return
+        end = "\n" if done == total else ""
+        percent = 100 * done // total
+        print(
+            f"\rPrefill: {done}/{total} tokens ({percent}%)",
+            end=end,
+            file=sys.stderr,
+            flush=True,
+        )
+
+    return report
+
+
+def main(argv=None):
+    from .utils import load, resolve_model_argument
+
+    parser = setup_arg_parser()
+    args = parser.parse_args(argv)
+    if args.draft_model is not None and args.max_kv_size is not None:
+        parser.error("--max-kv-size cannot be combined with --draft-model")
+    if args.draft_model is not None and args.prompt_cache_file is not None:
+        parser.error("--prompt-cache-file cannot be combined with --draft-model")
+
+    prompt_cache, metadata = None, {}
+    if args.prompt_cache_file is not None:
+        prompt_cache, metadata = kv.load_prompt_cache(
+            args.prompt_cache_file, return_metadata=True
+        )
+        cached_model = metadata.get("model")
+        if args.model is not None and cached_model and args.model != cached_model:
+            parser.error(
+                f"--model {args.model!r} differs from the model the prompt cache was "
+                f"made with ({cached_model!r})"
+            )
+        args.model = args.model or cached_model
+        first = prompt_cache[0] if prompt_cache else None
+        if isinstance(first, kv.QuantizedKVCache):
+            if args.kv_bits is not None and args.kv_bits != first.bits:
+                parser.error(
+                    f"--kv-bits {args.kv_bits} differs from the cache file's {first.bits}"
+                )
+            if args.kv_group_size != first.group_size:
+                parser.error(
+                    f"--kv-group-size {args.kv_group_size} differs from the cache "
+                    f"file's {first.group_size}"
+                )
+
+    if args.seed is not None:
+        mx.random.seed(args.seed)
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = prompt.replace("\\n", "\n").replace("\\t", "\t")
+
+    tokenizer_config = json.loads(metadata.get("tokenizer_config", "{}"))
+    model, tokenizer = load(
+        resolve_model_argument(args.model), tokenizer_config=tokenizer_config
+    )
+    for token in args.extra_eos_token:
+        tokenizer.add_eos_token(token)
+    ids = build_prompt(
+        tokenizer,
+        prompt,
+        system_prompt=args.system_prompt,
+        ignore_chat_template=args.ignore_chat_template,
+        template_kwargs=args.chat_template_config,
+        suffix_only=prompt_cache is not None,
+    )
+    draft_model = None
+    if args.draft_model is not None:
+        draft_model, draft_tokenizer = load(args.draft_model)
+        if draft_tokenizer.vocab_size != tokenizer.vocab_size:
+            raise SystemExit(
+                "error: the draft model's tokenizer differs from the model's"
+            )
+        if prompt_cache is not None:
+            prompt_cache = prompt_cache + kv.make_prompt_cache(draft_model)
+    sampler = make_sampler(
+        args.temp, args.top_p, args.min_p, args.min_tokens_to_keep, top_k=args.top_k
+    )
+    processors = make_logits_processors(
+        repetition_penalty=args.repetition_penalty,
+        repetition_context_size=args.repetition_context_size,
+    )
+    options = dict(
+        max_tokens=args.max_tokens,
+        sampler=sampler,
+        logits_processors=processors,
+        prompt_cache=prompt_cache,
+        prefill_step_size=args.prefill_step_size,
+        kv_bits=args.kv_bits,
+        kv_group_size=args.kv_group_size,
+        quantized_kv_start=args.quantized_kv_start,
+        prompt_progress_callback=(
+            make_progress_printer(args.prefill_step_size) if args.verbose else None
+        ),
+    )
+    if draft_model is None:
+        options["max_kv_size"] = args.max_kv_size
+    else:
+        options.update(draft_model=draft_model, num_draft_tokens=args.num_draft_tokens)
+    text = generate(model, tokenizer, ids, verbose=args.verbose, **options)
+    if not args.verbose:
+        print(text)
+
+
+if __name__ == "__main__":
+    main()
