@@ -666,19 +666,14 @@ class BatchKVCache(_BaseCache):
     def filter(self, batch_indices):
         """Keep only the rows ``batch_indices`` (in that order), in place."""
         rows = mx.array(batch_indices)
+        self.offset, self.left_padding = self.offset[rows], self.left_padding[rows]
+        # Columns that are padding in every surviving row are dead weight.
+        drop = self.left_padding.min().item()
+        self.left_padding = self.left_padding - drop
+        self._idx -= drop
         if self.keys is not None:
-            self.keys = self.keys[rows]
-            self.values = self.values[rows]
-        self.offset = self.offset[rows]
-        self.left_padding = self.left_padding[rows]
-        # Padding that every remaining row shares can be dropped.
-        shared = self.left_padding.min().item()
-        if shared > 0:
-            if self.keys is not None:
-                self.keys = self.keys[..., shared:, :]
-                self.values = self.values[..., shared:, :]
-            self._idx -= shared
-            self.left_padding = self.left_padding - shared
+            self.keys = self.keys[rows, :, drop:, :]
+            self.values = self.values[rows, :, drop:, :]
 
     def extend(self, other: "BatchKVCache"):
         """Append the rows of ``other`` after this cache's rows, in place.

@@ -13,25 +13,28 @@ from .rope_utils import initialize_rope, unpack_rope_parameters
 
 @dataclass
 class ModelArgs(BaseModelArgs):
+    # Shape of the network.
     model_type: str
+    vocab_size: int
     hidden_size: int
-    num_hidden_layers: int
     intermediate_size: int
+    num_hidden_layers: int
     num_attention_heads: int
     rms_norm_eps: float
-    vocab_size: int
-    head_dim: Optional[int] = None
-    max_position_embeddings: Optional[int] = None
     num_key_value_heads: Optional[int] = None
+    head_dim: Optional[int] = None
     attention_bias: bool = False
     mlp_bias: bool = False
+    tie_word_embeddings: bool = True
+    # Positions: older configs use rope_theta/rope_scaling, newer ones rope_parameters.
+    max_position_embeddings: Optional[int] = None
     rope_theta: float = 10000
-    rope_traditional: bool = False
     rope_scaling: Optional[Dict[str, Any]] = None
     rope_parameters: Optional[Dict[str, Any]] = None
-    tie_word_embeddings: bool = True
-    layer_types: Optional[List[str]] = None
+    rope_traditional: bool = False
+    # Mistral-style sliding-window attention, for all or some layers.
     sliding_window: Optional[int] = None
+    layer_types: Optional[List[str]] = None
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
