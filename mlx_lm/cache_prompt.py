@@ -12,13 +12,10 @@ import time
 import mlx.core as mx
 
 from .generate import (
-    DEFAULT_KV_GROUP_SIZE,
-    DEFAULT_QUANTIZED_KV_START,
-    KV_BITS_CHOICES,
-    KV_GROUP_CHOICES,
-    _non_negative_int,
     _positive_int,
+    add_kv_cache_arguments,
     generate_step,
+    kv_config_from_args,
 )
 from .models.cache import make_prompt_cache, save_prompt_cache
 
@@ -36,19 +33,7 @@ def setup_arg_parser():
         help="Cache the prompt as-is instead of as the start of a user message",
     )
     p.add_argument("--eos-token", default=None, help="Override the EOS token")
-    p.add_argument("--max-kv-size", type=_positive_int, default=None)
-    p.add_argument("--kv-bits", type=int, choices=KV_BITS_CHOICES, default=None)
-    p.add_argument(
-        "--kv-group-size",
-        type=int,
-        choices=KV_GROUP_CHOICES,
-        default=DEFAULT_KV_GROUP_SIZE,
-    )
-    p.add_argument(
-        "--quantized-kv-start",
-        type=_non_negative_int,
-        default=DEFAULT_QUANTIZED_KV_START,
-    )
+    add_kv_cache_arguments(p)
     p.add_argument("--prefill-step-size", type=_positive_int, default=2048)
     return p
 
@@ -56,7 +41,12 @@ def setup_arg_parser():
 def main(argv=None):
     from .utils import load, resolve_model_argument
 
-    args = setup_arg_parser().parse_args(argv)
+    parser = setup_arg_parser()
+    args = parser.parse_args(argv)
+    try:
+        kv_config = kv_config_from_args(args)
+    except ValueError as e:
+        parser.error(str(e))
     tokenizer_config = {}
     if args.eos_token is not None:
         tokenizer_config["eos_token"] = args.eos_token
@@ -75,7 +65,7 @@ def main(argv=None):
     else:
         ids = tokenizer.encode(text)
 
-    cache = make_prompt_cache(model, max_kv_size=args.max_kv_size)
+    cache = make_prompt_cache(model, config=kv_config)
     start = time.perf_counter()
 
     def report(done, total):
@@ -90,9 +80,7 @@ def main(argv=None):
         max_tokens=0,
         prompt_cache=cache,
         prefill_step_size=args.prefill_step_size,
-        kv_bits=args.kv_bits,
-        kv_group_size=args.kv_group_size,
-        quantized_kv_start=args.quantized_kv_start,
+        kv_config=kv_config,
         prompt_progress_callback=report,
     ):
         pass

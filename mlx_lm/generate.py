@@ -6,6 +6,7 @@ import json
 import sys
 import time
 from dataclasses import dataclass, field
+from dataclasses import fields as kv_fields
 from pathlib import Path
 from typing import Any, Callable, Generator, List, Optional, Tuple, Union
 
@@ -23,10 +24,6 @@ DEFAULT_TOP_P = 1.0
 DEFAULT_MIN_P = 0.0
 DEFAULT_TOP_K = 0
 DEFAULT_SEED = None
-DEFAULT_KV_GROUP_SIZE = 64
-DEFAULT_QUANTIZED_KV_START = 0
-KV_BITS_CHOICES = (2, 3, 4, 5, 6, 8)
-KV_GROUP_CHOICES = (32, 64, 128)
 
 # Work queued here runs apart from whatever the caller has on the default stream.
 generation_stream = mx.new_stream(mx.default_device())
@@ -54,27 +51,6 @@ class GenerationResponse:
     finish_reason: Optional[str] = None
 
 
-def check_kv_options(
-    max_kv_size: Optional[int] = None,
-    kv_bits: Optional[int] = None,
-    kv_group_size: int = DEFAULT_KV_GROUP_SIZE,
-    quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START,
-):
-    """Raise ``ValueError`` naming the first out-of-range KV-cache option."""
-    if max_kv_size is not None and max_kv_size < 1:
-        raise ValueError(f"max_kv_size must be a positive integer, got {max_kv_size}")
-    if kv_bits is not None and kv_bits not in KV_BITS_CHOICES:
-        raise ValueError(f"kv_bits must be one of {KV_BITS_CHOICES}, got {kv_bits}")
-    if kv_group_size not in KV_GROUP_CHOICES:
-        raise ValueError(
-            f"kv_group_size must be one of {KV_GROUP_CHOICES}, got {kv_group_size}"
-        )
-    if quantized_kv_start < 0:
-        raise ValueError(
-            f"quantized_kv_start must be non-negative, got {quantized_kv_start}"
-        )
-
-
 def maybe_quantize_kv_cache(prompt_cache, quantized_kv_start, kv_group_size, kv_bits):
     """Swap full-precision layers for quantized ones once they hold enough tokens."""
     if kv_bits is None:
@@ -84,13 +60,34 @@ def maybe_quantize_kv_cache(prompt_cache, quantized_kv_start, kv_group_size, kv_
             prompt_cache[i] = layer.to_quantized(group_size=kv_group_size, bits=kv_bits)
 
 
+def cache_hook(config: kv.KVCacheConfig) -> Callable[[List[Any]], None]:
+    """What to run on the cache after each model call (prefill chunk or decode step)."""
+    steps = []
+    if config.kv_bits is not None:
+        steps.append(
+            lambda c: maybe_quantize_kv_cache(
+                c, config.quantized_kv_start, config.kv_group_size, config.kv_bits
+            )
+        )
+
+    def run(cache):
+        for step in steps:
+            step(cache)
+
+    return run
+
+
+def _kv_config(kv_config, **options) -> kv.KVCacheConfig:
+    return kv.KVCacheConfig.from_options(kv_config, **options)
+
+
 def _greedy(logprobs: mx.array) -> mx.array:
     return mx.argmax(logprobs, axis=-1)
 
 
-def _make_cache(model, prompt_cache, max_kv_size):
+def _make_cache(model, prompt_cache, config):
     if prompt_cache is None:
-        return kv.make_prompt_cache(model, max_kv_size=max_kv_size)
+        return kv.make_prompt_cache(model, config=config)
     if len(prompt_cache) != len(model.layers):
         raise ValueError(
             f"prompt_cache has {len(prompt_cache)} layers but the model has "
@@ -130,9 +127,11 @@ def generate_step(
     prompt_cache: Optional[List[Any]] = None,
     prefill_step_size: int = 2048,
     kv_bits: Optional[int] = None,
-    kv_group_size: int = DEFAULT_KV_GROUP_SIZE,
-    quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START,
+    kv_group_size: Optional[int] = None,
+    quantized_kv_start: Optional[int] = None,
     prompt_progress_callback: Optional[Callable[[int, int], None]] = None,
+    kv_config: Optional[kv.KVCacheConfig] = None,
+    **cache_options,
 ) -> Generator[Tuple[int, mx.array], None, None]:
     """Yield ``(token, logprobs)`` pairs continuing ``prompt``.
 
@@ -140,20 +139,28 @@ def generate_step(
     one token, the next is already being computed (``mx.async_eval``), so the Python
     overhead overlaps with the model. ``prompt_cache`` is updated in place when given;
     ``max_tokens=-1`` never stops. ``kv_bits`` switches each layer to a quantized cache
-    once it holds ``quantized_kv_start`` tokens.
+    once it holds ``quantized_kv_start`` tokens (defaults: groups of 64, from the
+    start). ``kv_config`` (:class:`~mlx_lm.models.cache.KVCacheConfig`) carries every
+    cache option at once; keyword options such as ``compact_kv_budget`` or
+    ``window_size`` override its fields.
     """
     if prompt.size == 0:
         raise ValueError("prompt must contain at least one token")
     if prefill_step_size < 1:
         raise ValueError(f"prefill_step_size must be positive, got {prefill_step_size}")
-    check_kv_options(max_kv_size, kv_bits, kv_group_size, quantized_kv_start)
-    cache = _make_cache(model, prompt_cache, max_kv_size)
+    config = _kv_config(
+        kv_config,
+        max_kv_size=max_kv_size,
+        kv_bits=kv_bits,
+        kv_group_size=kv_group_size,
+        quantized_kv_start=quantized_kv_start,
+        **cache_options,
+    )
+    cache = _make_cache(model, prompt_cache, config)
     sampler = sampler or _greedy
     progress = prompt_progress_callback or (lambda done, total: None)
     history = None
-
-    def after_update(c):
-        maybe_quantize_kv_cache(c, quantized_kv_start, kv_group_size, kv_bits)
+    after_update = cache_hook(config)
 
     def step(tokens):
         nonlocal history
@@ -206,9 +213,11 @@ def speculative_generate_step(
     prompt_cache: Optional[List[Any]] = None,
     prefill_step_size: int = 512,
     kv_bits: Optional[int] = None,
-    kv_group_size: int = DEFAULT_KV_GROUP_SIZE,
-    quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START,
+    kv_group_size: Optional[int] = None,
+    quantized_kv_start: Optional[int] = None,
     prompt_progress_callback: Optional[Callable[[int, int], None]] = None,
+    kv_config: Optional[kv.KVCacheConfig] = None,
+    **cache_options,
 ) -> Generator[Tuple[int, mx.array, bool], None, None]:
     """Yield ``(token, logprobs, from_draft)`` using ``draft_model`` to propose tokens.
 
@@ -216,17 +225,25 @@ def speculative_generate_step(
     scores them all in one call and the longest prefix it agrees with is accepted,
     followed by the main model's own next token. Both caches are then trimmed back to
     the accepted text, so both must be trimmable. ``prompt_cache``, when given, holds the
-    main model's layers followed by the draft model's.
+    main model's layers followed by the draft model's. Cache options (``kv_config``
+    and keywords, as for :func:`generate_step`) apply to both models; the cache hooks
+    run once per round, after the rejected proposals are trimmed away.
     """
     if prompt.size == 0:
         raise ValueError("prompt must contain at least one token")
     if num_draft_tokens < 1:
         raise ValueError(f"num_draft_tokens must be positive, got {num_draft_tokens}")
-    check_kv_options(None, kv_bits, kv_group_size, quantized_kv_start)
+    config = _kv_config(
+        kv_config,
+        kv_bits=kv_bits,
+        kv_group_size=kv_group_size,
+        quantized_kv_start=quantized_kv_start,
+        **cache_options,
+    )
     n_main = len(model.layers)
     if prompt_cache is None:
-        main_cache = kv.make_prompt_cache(model)
-        draft_cache = kv.make_prompt_cache(draft_model)
+        main_cache = kv.make_prompt_cache(model, config=config)
+        draft_cache = kv.make_prompt_cache(draft_model, config=config)
     else:
         if len(prompt_cache) != n_main + len(draft_model.layers):
             raise ValueError(
@@ -243,8 +260,7 @@ def speculative_generate_step(
     progress = prompt_progress_callback or (lambda done, total: None)
     history = prompt
 
-    def quantize(c):
-        maybe_quantize_kv_cache(c, quantized_kv_start, kv_group_size, kv_bits)
+    after_round = cache_hook(config)
 
     def sample(logits, tokens_so_far):
         if logits_processors:
@@ -255,10 +271,10 @@ def speculative_generate_step(
 
     with mx.stream(generation_stream):
         rest = _prefill(
-            model, prompt, main_cache, prefill_step_size, quantize, progress
+            model, prompt, main_cache, prefill_step_size, after_round, progress
         )
         _prefill(
-            draft_model, prompt, draft_cache, prefill_step_size, quantize, progress
+            draft_model, prompt, draft_cache, prefill_step_size, after_round, progress
         )
     # Tokens the draft cache has not seen yet (the draft ends one token behind when
     # every proposal was accepted).
@@ -273,13 +289,11 @@ def speculative_generate_step(
             d_in = draft_input
             for _ in range(k):
                 logits = draft_model(d_in[None], cache=draft_cache)[:, -1, :]
-                quantize(draft_cache)
                 tok, _ = sample(logits, mx.concatenate([history] + proposals))
                 proposals.append(tok.astype(history.dtype))
                 d_in = tok
             verify_in = mx.concatenate([y] + proposals) if proposals else y
             logits = model(verify_in[None], cache=main_cache)[0, -(k + 1) :, :]
-            quantize(main_cache)
             chosen, chosen_lp = [], []
             for i in range(k + 1):
                 tok, lp = sample(
@@ -307,6 +321,8 @@ def speculative_generate_step(
             kv.trim_prompt_cache(draft_cache, max(k - 1 - accepted, 0))
             draft_input = new_y
         history = mx.concatenate([history] + proposals[:accepted] + [new_y])
+        after_round(main_cache)
+        after_round(draft_cache)
         y = new_y
         rounds += 1
         if rounds % 64 == 0:
@@ -350,8 +366,6 @@ def stream_generate(
             for tok, lp in generate_step(prompt, model, max_tokens=max_tokens, **kwargs)
         )
     else:
-        if kwargs.pop("max_kv_size", None) is not None:
-            raise ValueError("max_kv_size cannot be combined with a draft model")
         steps = speculative_generate_step(
             prompt, model, draft_model, max_tokens=max_tokens, **kwargs
         )
@@ -458,6 +472,8 @@ def batch_generate(
     prefill_step_size: int = 2048,
     return_token_ids: bool = False,
     return_prompt_caches: bool = False,
+    kv_config: Optional[kv.KVCacheConfig] = None,
+    **cache_options,
 ) -> BatchResponse:
     """Generate for several tokenized prompts at once over a left-padded ``BatchKVCache``.
 
@@ -475,6 +491,11 @@ def batch_generate(
     if len(limits) != len(prompts):
         raise ValueError(
             f"max_tokens has {len(limits)} entries for {len(prompts)} prompts"
+        )
+    config = _kv_config(kv_config, **cache_options)
+    if config.evicts or config.kv_bits is not None:
+        raise ValueError(
+            f"batch_generate does not support these cache options: {config}"
         )
     sampler = sampler or _greedy
     longest = max(len(p) for p in prompts)
@@ -616,6 +637,91 @@ def str2bool(text):
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def add_kv_cache_arguments(p: argparse.ArgumentParser):
+    """The KV-cache memory flags shared by generate, cache_prompt and the server.
+
+    They are parsed as plain numbers and strings; :func:`kv_config_from_args` checks
+    them all through :class:`~mlx_lm.models.cache.KVCacheConfig`.
+    """
+    defaults = kv.KVCacheConfig()
+    g = p.add_argument_group("KV cache memory")
+    g.add_argument(
+        "--max-kv-size",
+        type=int,
+        help="Keep the first 4 and the most recent tokens, at most this many per layer",
+    )
+    g.add_argument("--kv-bits", type=int, help=f"Quantize the KV cache {kv.KV_BITS}")
+    g.add_argument("--kv-group-size", type=int, default=defaults.kv_group_size)
+    g.add_argument(
+        "--quantized-kv-start",
+        type=int,
+        default=defaults.quantized_kv_start,
+        help="Quantize the KV cache once it holds this many tokens",
+    )
+    g.add_argument(
+        "--compact-kv-budget",
+        type=int,
+        help="Evict low-scoring tokens so each layer keeps about this many",
+    )
+    g.add_argument(
+        "--compact-keep-recent",
+        type=int,
+        default=defaults.compact_keep_recent,
+        help="Newest tokens never evicted by compaction",
+    )
+    g.add_argument(
+        "--compact-policy",
+        default=defaults.compact_policy,
+        help=f"Key scoring function: {', '.join(kv.KEY_SCORERS)}",
+    )
+    g.add_argument(
+        "--compact-scope",
+        default=defaults.compact_scope,
+        help=f"Who shares one choice of kept tokens: {', '.join(kv.COMPACT_SCOPES)}",
+    )
+    g.add_argument(
+        "--compact-sink-tokens",
+        type=int,
+        default=defaults.compact_sink_tokens,
+        help="First tokens never evicted by compaction",
+    )
+    g.add_argument(
+        "--compact-margin",
+        type=int,
+        help="Tokens allowed above the budget before compacting (hysteresis)",
+    )
+    g.add_argument("--window-size", type=int, help="Sliding window of this many tokens")
+    g.add_argument(
+        "--window-strategy",
+        default=defaults.window_strategy,
+        help=f"Which tokens leave the window: {', '.join(kv.WINDOW_STRATEGIES)}",
+    )
+    g.add_argument(
+        "--window-prefix",
+        type=int,
+        default=defaults.window_prefix,
+        help="First tokens the 'fixed' strategy always keeps",
+    )
+    g.add_argument(
+        "--window-attention-span",
+        type=int,
+        default=defaults.window_attention_span,
+        help="Decode steps of attention the 'attention' strategy accumulates",
+    )
+
+
+def kv_config_from_args(args: argparse.Namespace) -> kv.KVCacheConfig:
+    """Build the cache options from parsed flags; a ``ValueError`` names the flag."""
+    names = [f.name for f in kv_fields(kv.KVCacheConfig)]
+    try:
+        return kv.KVCacheConfig(**{n: getattr(args, n) for n in names})
+    except ValueError as e:
+        message = str(e)
+        for n in sorted(names, key=len, reverse=True):
+            message = message.replace(n, "--" + n.replace("_", "-"))
+        raise ValueError(message) from None
+
+
 def setup_arg_parser():
     p = argparse.ArgumentParser(description="Generate text with an MLX language model.")
     p.add_argument(
@@ -657,31 +763,7 @@ def setup_arg_parser():
         default=(),
         help="Further tokens that end generation",
     )
-    p.add_argument(
-        "--max-kv-size",
-        type=_positive_int,
-        default=None,
-        help="Keep at most this many tokens in each layer's KV cache",
-    )
-    p.add_argument(
-        "--kv-bits",
-        type=int,
-        choices=KV_BITS_CHOICES,
-        default=None,
-        help="Quantize the KV cache to this many bits",
-    )
-    p.add_argument(
-        "--kv-group-size",
-        type=int,
-        choices=KV_GROUP_CHOICES,
-        default=DEFAULT_KV_GROUP_SIZE,
-    )
-    p.add_argument(
-        "--quantized-kv-start",
-        type=_non_negative_int,
-        default=DEFAULT_QUANTIZED_KV_START,
-        help="Quantize the KV cache once it holds this many tokens",
-    )
+    add_kv_cache_arguments(p)
     p.add_argument("--prefill-step-size", type=_positive_int, default=2048)
     p.add_argument(
         "--prompt-cache-file",
@@ -757,8 +839,10 @@ def main(argv=None):
 
     parser = setup_arg_parser()
     args = parser.parse_args(argv)
-    if args.draft_model is not None and args.max_kv_size is not None:
-        parser.error("--max-kv-size cannot be combined with --draft-model")
+    try:
+        kv_config = kv_config_from_args(args)
+    except ValueError as e:
+        parser.error(str(e))
     if args.draft_model is not None and args.prompt_cache_file is not None:
         parser.error("--prompt-cache-file cannot be combined with --draft-model")
 
@@ -827,16 +911,12 @@ def main(argv=None):
         logits_processors=processors,
         prompt_cache=prompt_cache,
         prefill_step_size=args.prefill_step_size,
-        kv_bits=args.kv_bits,
-        kv_group_size=args.kv_group_size,
-        quantized_kv_start=args.quantized_kv_start,
+        kv_config=kv_config,
         prompt_progress_callback=(
             make_progress_printer(args.prefill_step_size) if args.verbose else None
         ),
     )
-    if draft_model is None:
-        options["max_kv_size"] = args.max_kv_size
-    else:
+    if draft_model is not None:
         options.update(draft_model=draft_model, num_draft_tokens=args.num_draft_tokens)
     text = generate(model, tokenizer, ids, verbose=args.verbose, **options)
     if not args.verbose:

@@ -9,6 +9,7 @@ multiple of ``step``) so that appending ``n`` tokens one at a time costs
 
 import os
 import uuid
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Dict, List, Optional
 
 import mlx.core as mx
@@ -852,14 +853,38 @@ def _cache_class(name: str):
     return _CACHE_CLASSES[name]
 
 
-def make_prompt_cache(model: nn.Module, max_kv_size: Optional[int] = None) -> List[Any]:
-    """One cache per layer: ``model.make_cache()`` when the model defines it,
-    otherwise ``KVCache`` (or ``RotatingKVCache(max_kv_size, keep=4)``)."""
+def make_prompt_cache(
+    model: nn.Module,
+    max_kv_size: Optional[int] = None,
+    config: Optional["KVCacheConfig"] = None,
+    **options,
+) -> List[Any]:
+    """One cache per layer of ``model``, bounded as ``config`` (or the keyword
+    options, see :class:`KVCacheConfig`) asks.
+
+    The model's own ``make_cache()`` is the starting point when it has one. Layers
+    with a window of their own (a ``RotatingKVCache`` from the model, such as
+    gemma3's local layers) keep it; every other layer gets the requested bound, so
+    ``max_kv_size`` is honoured for every model.
+    """
+    config = KVCacheConfig.from_options(config, max_kv_size=max_kv_size, **options)
     if hasattr(model, "make_cache"):
-        return model.make_cache()
-    if max_kv_size is not None:
-        return [RotatingKVCache(max_kv_size, keep=4) for _ in model.layers]
-    return [KVCache() for _ in model.layers]
+        layers = model.make_cache()
+    else:
+        layers = [KVCache() for _ in model.layers]
+    if not config.evicts:
+        return layers
+    return [
+        layer if isinstance(layer, RotatingKVCache) else _bounded_cache(config)
+        for layer in layers
+    ]
+
+
+def _bounded_cache(config: "KVCacheConfig"):
+    """The cache for one layer without a window of its own, under ``config``."""
+    if config.max_kv_size is not None:
+        return RotatingKVCache(config.max_kv_size, keep=4)
+    raise ValueError(f"no cache implements {config}")
 
 
 def save_prompt_cache(
@@ -933,3 +958,167 @@ def trim_prompt_cache(cache: List[Any], num_tokens: int) -> int:
     if not cache or not can_trim_prompt_cache(cache):
         return 0
     return [c.trim(num_tokens) for c in cache][0]
+
+
+# ---------------------------------------------------------------------------
+# Eviction: scoring functions, selection, and the options that configure it.
+# ---------------------------------------------------------------------------
+
+
+def score_l2_low(keys: mx.array) -> mx.array:
+    """KnormPress (arXiv 2406.11430): low-norm keys draw attention, keep them."""
+    return -mx.linalg.norm(keys.astype(mx.float32), axis=-1)
+
+
+def score_l2_high(keys: mx.array) -> mx.array:
+    """The reverse of ``l2-low``: keep the keys with the largest norm."""
+    return mx.linalg.norm(keys.astype(mx.float32), axis=-1)
+
+
+def score_keydiff(keys: mx.array) -> mx.array:
+    """KeyDiff (arXiv 2504.15364): keep keys least aligned with the mean key direction."""
+    k = keys.astype(mx.float32)
+    unit = k / (mx.linalg.norm(k, axis=-1, keepdims=True) + 1e-6)
+    anchor = mx.mean(unit, axis=-2, keepdims=True)
+    return -mx.sum(unit * anchor, axis=-1)
+
+
+# A policy is nothing but a function from keys [..., T, D] to scores [..., T]:
+# the higher the score, the more a token deserves to stay.
+KEY_SCORERS = {
+    "l2-low": score_l2_low,
+    "l2-high": score_l2_high,
+    "keydiff": score_keydiff,
+}
+
+
+def select_kept(
+    scores: mx.array, n_keep: int, protect_first: int = 0, protect_last: int = 0
+) -> mx.array:
+    """Indices (ascending) of the ``n_keep`` positions to keep along the last axis.
+
+    The first ``protect_first`` and last ``protect_last`` positions are always kept;
+    the rest of the room goes to the highest ``scores``. Positions keep their
+    relative order, so the survivors stay in time order.
+    """
+    T = scores.shape[-1]
+    if not 0 < n_keep <= T:
+        raise ValueError(f"n_keep must be in [1, {T}], got {n_keep}")
+    if protect_first + protect_last > n_keep:
+        raise ValueError(
+            f"cannot protect {protect_first} + {protect_last} positions "
+            f"while keeping {n_keep}"
+        )
+    pos = mx.arange(T)
+    protected = (pos < protect_first) | (pos >= T - protect_last)
+    scores = mx.where(protected, mx.array(mx.inf, scores.dtype), scores)
+    top = mx.argpartition(-scores, kth=n_keep - 1, axis=-1)[..., :n_keep]
+    return mx.sort(top, axis=-1)
+
+
+COMPACT_SCOPES = ("model", "layer", "head")
+WINDOW_STRATEGIES = ("fifo", "fixed", "attention")
+KV_BITS = (2, 3, 4, 5, 6, 8)
+KV_GROUP_SIZES = (32, 64, 128)
+
+
+def _check_int(name, value, low, optional=False):
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be at least {low}, got {value}")
+
+
+def _check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+@dataclass
+class KVCacheConfig:
+    """Every KV-cache memory option in one value.
+
+    Built once from command-line flags, keyword arguments or a server request and
+    handed to :func:`make_prompt_cache` and the generation loop. At most one way of
+    bounding the cache may be chosen: ``max_kv_size`` (keep the first 4 and the most
+    recent tokens), ``compact_kv_budget`` (evict by key score) or ``window_size``
+    (sliding window). ``kv_bits`` composes with each of them.
+    """
+
+    max_kv_size: Optional[int] = None
+    kv_bits: Optional[int] = None
+    kv_group_size: int = 64
+    quantized_kv_start: int = 0
+    compact_kv_budget: Optional[int] = None
+    compact_keep_recent: int = 32
+    compact_policy: str = "l2-low"
+    compact_scope: str = "layer"
+    compact_sink_tokens: int = 0
+    compact_margin: Optional[int] = None
+    window_size: Optional[int] = None
+    window_strategy: str = "fifo"
+    window_prefix: int = 0
+    window_attention_span: int = 32
+
+    def __post_init__(self):
+        _check_int("max_kv_size", self.max_kv_size, 1, optional=True)
+        if self.kv_bits is not None:
+            _check_choice("kv_bits", self.kv_bits, KV_BITS)
+        _check_choice("kv_group_size", self.kv_group_size, KV_GROUP_SIZES)
+        _check_int("quantized_kv_start", self.quantized_kv_start, 0)
+
+        _check_int("compact_kv_budget", self.compact_kv_budget, 1, optional=True)
+        _check_int("compact_keep_recent", self.compact_keep_recent, 0)
+        _check_int("compact_sink_tokens", self.compact_sink_tokens, 0)
+        _check_int("compact_margin", self.compact_margin, 1, optional=True)
+        _check_choice("compact_policy", self.compact_policy, KEY_SCORERS)
+        _check_choice("compact_scope", self.compact_scope, COMPACT_SCOPES)
+        if self.compact_kv_budget is not None:
+            protected = self.compact_keep_recent + self.compact_sink_tokens
+            if self.compact_kv_budget <= protected:
+                raise ValueError(
+                    f"compact_kv_budget ({self.compact_kv_budget}) must be larger than "
+                    f"compact_keep_recent + compact_sink_tokens ({protected})"
+                )
+
+        _check_int("window_size", self.window_size, 1, optional=True)
+        _check_choice("window_strategy", self.window_strategy, WINDOW_STRATEGIES)
+        _check_int("window_prefix", self.window_prefix, 0)
+        _check_int("window_attention_span", self.window_attention_span, 1)
+        if self.window_size is not None and self.window_prefix >= self.window_size:
+            raise ValueError(
+                f"window_prefix ({self.window_prefix}) must be smaller than "
+                f"window_size ({self.window_size})"
+            )
+
+        bounds = [
+            f"{name}={getattr(self, name)}"
+            for name in ("max_kv_size", "compact_kv_budget", "window_size")
+            if getattr(self, name) is not None
+        ]
+        if len(bounds) > 1:
+            raise ValueError(
+                f"choose one way to bound the KV cache, got {' and '.join(bounds)}"
+            )
+
+    @property
+    def evicts(self) -> bool:
+        """Whether the cache drops tokens once it is full."""
+        return any(
+            v is not None
+            for v in (self.max_kv_size, self.compact_kv_budget, self.window_size)
+        )
+
+    @classmethod
+    def from_options(cls, base: Optional["KVCacheConfig"] = None, **options):
+        """``base`` (or the defaults) with ``options`` applied; ``None`` values are
+        ignored and an unknown option is a ``ValueError`` naming it."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown KV-cache option(s): {', '.join(unknown)}")
+        values = asdict(base) if base is not None else {}
+        values.update({k: v for k, v in options.items() if v is not None})
+        return cls(**values)
