@@ -40,6 +40,7 @@ setup(
             "mlx_lm.generate = mlx_lm.generate:main",
             "mlx_lm.convert = mlx_lm.convert:main",
             "mlx_lm.cache_prompt = mlx_lm.cache_prompt:main",
+            "mlx_lm.server = mlx_lm.server:main",
         ]
     },
 )

@@ -57,6 +57,13 @@ def maybe_quantize_kv_cache(prompt_cache, quantized_kv_start, kv_group_size, kv_
         return
     for i, layer in enumerate(prompt_cache):
         if hasattr(layer, "to_quantized") and layer.offset >= quantized_kv_start:
+            keys = getattr(layer, "keys", None)
+            head_dim = keys.shape[-1] if isinstance(keys, mx.array) else None
+            if head_dim is not None and head_dim % kv_group_size:
+                raise ValueError(
+                    f"layer {i}: kv_group_size {kv_group_size} does not divide the "
+                    f"head dimension {head_dim}"
+                )
             prompt_cache[i] = layer.to_quantized(group_size=kv_group_size, bits=kv_bits)
 
 
