@@ -25,8 +25,9 @@ DEFAULT_MIN_P = 0.0
 DEFAULT_TOP_K = 0
 DEFAULT_SEED = None
 
-# Work queued here runs apart from whatever the caller has on the default stream.
-generation_stream = mx.new_stream(mx.default_device())
+# Work queued here runs apart from the caller's default stream; thread-local so that
+# a server can generate on a worker thread.
+generation_stream = mx.new_thread_local_stream(mx.default_device())
 
 
 @dataclass
@@ -67,9 +68,67 @@ def maybe_quantize_kv_cache(prompt_cache, quantized_kv_start, kv_group_size, kv_
             prompt_cache[i] = layer.to_quantized(group_size=kv_group_size, bits=kv_bits)
 
 
-def cache_hook(config: kv.KVCacheConfig) -> Callable[[List[Any]], None]:
-    """What to run on the cache after each model call (prefill chunk or decode step)."""
+def maybe_compact_kv_cache(prompt_cache, config: Optional[kv.KVCacheConfig] = None):
+    """Evict by key score in every compressed layer that has outgrown its budget.
+
+    Hysteresis: a layer is compacted back to ``budget`` tokens only once it holds
+    more than ``budget + margin``, so the cost of one pass over the layer is spread
+    over ``margin`` tokens. The decision compares Python integers, so it adds no
+    synchronisation to the pipelined decode step. With ``config`` asking for
+    compression, a cache without compressed layers is a ``ValueError``.
+    """
+    if config is not None and config.compact_kv_budget is not None:
+        _check_compressed(prompt_cache, config)
+    kv.compact_prompt_cache(prompt_cache)
+
+
+def _check_compressed(prompt_cache, config: kv.KVCacheConfig):
+    layers = [
+        (i, c)
+        for i, c in enumerate(prompt_cache)
+        if isinstance(c, kv.CompressedKVCache)
+    ]
+    if not layers:
+        raise ValueError(
+            f"compact_kv_budget={config.compact_kv_budget} was requested but the "
+            "prompt cache has no compressed layers; build it with "
+            "make_prompt_cache(model, compact_kv_budget=...)"
+        )
+    for i, layer in layers:
+        if layer.budget != config.compact_kv_budget:
+            raise ValueError(
+                f"layer {i} of the prompt cache has budget {layer.budget} but "
+                f"compact_kv_budget={config.compact_kv_budget} was requested"
+            )
+
+
+def _check_windowed(prompt_cache, config: kv.KVCacheConfig):
+    """A window was asked for: no layer may be an unbounded cache."""
+    for i, layer in enumerate(prompt_cache):
+        if type(layer) in (kv.KVCache, kv.QuantizedKVCache):
+            raise ValueError(
+                f"window_size={config.window_size} was requested but layer {i} of "
+                f"the prompt cache is an unbounded {type(layer).__name__}; build it "
+                "with make_prompt_cache(model, window_size=...)"
+            )
+
+
+def cache_hook(
+    config: kv.KVCacheConfig, prompt_cache: Optional[List[Any]] = None
+) -> Callable[[List[Any]], None]:
+    """What to run on the cache after each model call (prefill chunk or decode step).
+
+    Compaction comes first, then quantization. It is installed when ``config`` asks
+    for it or ``prompt_cache`` (checked against ``config`` here) has compressed layers.
+    """
     steps = []
+    compressed = any(isinstance(c, kv.CompressedKVCache) for c in prompt_cache or ())
+    if config.compact_kv_budget is not None and prompt_cache is not None:
+        _check_compressed(prompt_cache, config)
+    if config.compact_kv_budget is not None or compressed:
+        steps.append(maybe_compact_kv_cache)
+    if config.window_size is not None and prompt_cache is not None:
+        _check_windowed(prompt_cache, config)
     if config.kv_bits is not None:
         steps.append(
             lambda c: maybe_quantize_kv_cache(
@@ -167,7 +226,7 @@ def generate_step(
     sampler = sampler or _greedy
     progress = prompt_progress_callback or (lambda done, total: None)
     history = None
-    after_update = cache_hook(config)
+    after_update = cache_hook(config, cache)
 
     def step(tokens):
         nonlocal history
@@ -267,7 +326,8 @@ def speculative_generate_step(
     progress = prompt_progress_callback or (lambda done, total: None)
     history = prompt
 
-    after_round = cache_hook(config)
+    after_main = cache_hook(config, main_cache)
+    after_draft = cache_hook(config, draft_cache)
 
     def sample(logits, tokens_so_far):
         if logits_processors:
@@ -278,10 +338,10 @@ def speculative_generate_step(
 
     with mx.stream(generation_stream):
         rest = _prefill(
-            model, prompt, main_cache, prefill_step_size, after_round, progress
+            model, prompt, main_cache, prefill_step_size, after_main, progress
         )
         _prefill(
-            draft_model, prompt, draft_cache, prefill_step_size, after_round, progress
+            draft_model, prompt, draft_cache, prefill_step_size, after_draft, progress
         )
     # Tokens the draft cache has not seen yet (the draft ends one token behind when
     # every proposal was accepted).
@@ -328,8 +388,10 @@ def speculative_generate_step(
             kv.trim_prompt_cache(draft_cache, max(k - 1 - accepted, 0))
             draft_input = new_y
         history = mx.concatenate([history] + proposals[:accepted] + [new_y])
-        after_round(main_cache)
-        after_round(draft_cache)
+        # Only now, after the trims above, may the hooks evict: a round's trim
+        # never reaches tokens that were there at a compaction.
+        after_main(main_cache)
+        after_draft(draft_cache)
         y = new_y
         rounds += 1
         if rounds % 64 == 0:
@@ -417,9 +479,14 @@ def generate(
     verbose: bool = False,
     **kwargs,
 ) -> str:
-    """Return the whole generated text; with ``verbose`` stream it and print statistics."""
+    """Return the whole generated text; with ``verbose`` stream it and print statistics
+    (with eviction counts when the KV cache is bounded)."""
+    bounded = False
     if verbose:
         print("=" * 10)
+        if kwargs.get("prompt_cache") is None:
+            # Built here so that its evictions can be reported afterwards.
+            kwargs["prompt_cache"], bounded = _fresh_cache(model, kwargs)
     text = ""
     response = None
     for response in stream_generate(model, tokenizer, prompt, **kwargs):
@@ -441,7 +508,26 @@ def generate(
                 f"{response.generation_tps:.3f} tokens-per-sec"
             )
             print(f"Peak memory: {response.peak_memory:.3f} GB")
+        stats = kv.cache_eviction_stats(kwargs["prompt_cache"])
+        if bounded or stats["tokens_evicted"]:
+            print(
+                f"KV cache: {stats['tokens_evicted']} tokens evicted in "
+                f"{stats['total_evictions']} evictions, {stats['current_size']} "
+                "held (all layers)"
+            )
     return text
+
+
+def _fresh_cache(model, kwargs) -> Tuple[List[Any], bool]:
+    """The prompt cache generation would build from the options in ``kwargs`` (the
+    draft model's layers follow the model's), and whether it is bounded."""
+    names = {f.name for f in kv_fields(kv.KVCacheConfig)}
+    options = {k: v for k, v in kwargs.items() if k in names}
+    config = _kv_config(kwargs.get("kv_config"), **options)
+    cache = kv.make_prompt_cache(model, config=config)
+    if kwargs.get("draft_model") is not None:
+        cache += kv.make_prompt_cache(kwargs["draft_model"], config=config)
+    return cache, config.evicts
 
 
 @dataclass
@@ -468,6 +554,24 @@ class BatchResponse:
     finish_reasons: List[str] = field(default_factory=list)
 
 
+def _batch_cache(model, config: kv.KVCacheConfig, padding: List[int]) -> List[Any]:
+    """One batch cache per layer: compressed where ``config`` asks for it, except in
+    layers with a window of their own."""
+    if config.compact_kv_budget is None:
+        return [kv.BatchKVCache(padding) for _ in model.layers]
+    own = model.make_cache() if hasattr(model, "make_cache") else model.layers
+    layers = []
+    for layer in own:
+        if isinstance(layer, kv.RotatingKVCache):
+            layers.append(kv.BatchKVCache(padding))
+            continue
+        layer = kv.CompressedKVCache.from_config(config, left_padding=padding)
+        if config.kv_bits is not None:
+            layer = layer.to_quantized(config.kv_group_size, config.kv_bits)
+        layers.append(layer)
+    return layers
+
+
 def batch_generate(
     model: nn.Module,
     tokenizer: Union[TokenizerWrapper, Any],
@@ -482,11 +586,14 @@ def batch_generate(
     kv_config: Optional[kv.KVCacheConfig] = None,
     **cache_options,
 ) -> BatchResponse:
-    """Generate for several tokenized prompts at once over a left-padded ``BatchKVCache``.
+    """Generate for several tokenized prompts at once over a left-padded batch cache.
 
     Every layer gets a ``BatchKVCache`` (models with sliding-window layers still mask
-    their window, they just keep the full history). Sequences that hit an EOS token or
-    their own ``max_tokens`` stop contributing text while the others go on.
+    their window, they just keep the full history). With ``compact_kv_budget`` the
+    other layers get a batched :class:`~mlx_lm.models.cache.CompressedKVCache`
+    instead: every sequence keeps its own tokens and padding is evicted first;
+    ``kv_bits`` then quantizes it from the first token. Sequences that hit an EOS
+    token or their own ``max_tokens`` stop contributing text while the others go on.
     """
     if not isinstance(tokenizer, TokenizerWrapper):
         tokenizer = TokenizerWrapper(tokenizer)
@@ -500,15 +607,25 @@ def batch_generate(
             f"max_tokens has {len(limits)} entries for {len(prompts)} prompts"
         )
     config = _kv_config(kv_config, **cache_options)
-    if config.evicts or config.kv_bits is not None:
+    unsupported = [
+        f"{name}={getattr(config, name)}"
+        for name in ("max_kv_size", "window_size")
+        if getattr(config, name) is not None
+    ]
+    if config.kv_bits is not None and config.compact_kv_budget is None:
+        unsupported.append(f"kv_bits={config.kv_bits} without compact_kv_budget")
+    if config.kv_bits is not None and config.quantized_kv_start > 0:
+        unsupported.append(f"quantized_kv_start={config.quantized_kv_start}")
+    if unsupported:
         raise ValueError(
-            f"batch_generate does not support these cache options: {config}"
+            f"batch_generate does not support {', '.join(unsupported)}"
         )
     sampler = sampler or _greedy
     longest = max(len(p) for p in prompts)
     padding = [longest - len(p) for p in prompts]
     batch = mx.array([[0] * pad + list(p) for pad, p in zip(padding, prompts)])
-    cache = [kv.BatchKVCache(padding) for _ in model.layers]
+    cache = _batch_cache(model, config, padding)
+    after_update = cache_hook(kv.KVCacheConfig(), cache)
     # Per-sequence token history (without padding) for the logits processors.
     history = [mx.array(p) for p in prompts]
 
@@ -526,6 +643,7 @@ def batch_generate(
                     row = processor(history[i], row)
                 rows.append(row)
             logits = mx.concatenate(rows, axis=0)
+        after_update(cache)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         return sampler(logprobs)
 
@@ -535,6 +653,7 @@ def batch_generate(
         while longest - done > 1:
             n = min(prefill_step_size, longest - done - 1)
             model(batch[:, done : done + n], cache=cache)
+            after_update(cache)
             mx.eval([c.state for c in cache])
             done += n
         y = step(batch[:, done:])
@@ -707,13 +826,15 @@ def add_kv_cache_arguments(p: argparse.ArgumentParser):
         "--window-prefix",
         type=int,
         default=defaults.window_prefix,
-        help="First tokens the 'fixed' strategy always keeps",
+        help="First tokens the 'fixed' and 'attention' strategies always keep",
     )
     g.add_argument(
         "--window-attention-span",
         type=int,
         default=defaults.window_attention_span,
-        help="Decode steps of attention the 'attention' strategy accumulates",
+        help="Tokens a window holds beyond --window-size before it evicts them in "
+        "one block; the 'attention' strategy ranks tokens by the attention they "
+        "received over that many decode steps",
     )
 
 
@@ -866,7 +987,7 @@ def main(argv=None):
             )
         args.model = args.model or cached_model
         first = prompt_cache[0] if prompt_cache else None
-        if isinstance(first, kv.QuantizedKVCache):
+        if hasattr(first, "bits"):  # quantized, possibly inside a window
             if args.kv_bits is not None and args.kv_bits != first.bits:
                 parser.error(
                     f"--kv-bits {args.kv_bits} differs from the cache file's {first.bits}"
@@ -876,6 +997,11 @@ def main(argv=None):
                     f"--kv-group-size {args.kv_group_size} differs from the cache "
                     f"file's {first.group_size}"
                 )
+        if kv_config.compact_kv_budget is not None:
+            try:
+                _check_compressed(prompt_cache, kv_config)
+            except ValueError as e:
+                parser.error(f"--prompt-cache-file: {e}")
 
     if args.seed is not None:
         mx.random.seed(args.seed)

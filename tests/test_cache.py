@@ -325,8 +325,6 @@ class TestRotatingKVCache(unittest.TestCase):
             RotatingKVCache(4, keep=4)
         with self.assertRaisesRegex(ValueError, "max_size"):
             RotatingKVCache(0)
-        with self.assertRaises(NotImplementedError):
-            RotatingKVCache(4).to_quantized()
 
 
 class TestBatchKVCache(unittest.TestCase):

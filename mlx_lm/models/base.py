@@ -68,49 +68,59 @@ def create_attention_mask(
     return "causal"
 
 
-def _quantized_attention(
-    queries: mx.array,
-    keys: tuple,
-    values: tuple,
-    scale: float,
-    mask,
-    group_size: int,
-    bits: int,
-) -> mx.array:
-    """Attention against keys/values stored as (packed, scales, biases) triples."""
-    B, n_heads, L, D = queries.shape
-    n_kv_heads = keys[0].shape[-3]
-    n_rep = n_heads // n_kv_heads
-    queries = queries * scale
-    if n_rep > 1:
-        # Group the query heads that share one kv head: [B, n_kv, n_rep, L, D].
-        queries = queries.reshape(B, n_kv_heads, n_rep, L, D)
-        keys = tuple(mx.expand_dims(part, -3) for part in keys)
-        values = tuple(mx.expand_dims(part, -3) for part in values)
+def _attention_weights(queries, keys, scale: float, mask, quantized) -> mx.array:
+    """softmax(Q K^T * scale) written out, the query heads grouped under the KV
+    head they share: shape [B, n_kv_heads, n_rep, L, S].
 
-    scores = mx.quantized_matmul(
-        queries, *keys, transpose=True, group_size=group_size, bits=bits
-    )
+    ``keys`` is an array, or a (packed, scales, biases) triple when
+    ``quantized`` is ``(group_size, bits)``.
+    """
+    B, n_heads, L, D = queries.shape
+    n_kv_heads = (keys[0] if quantized else keys).shape[1]
+    queries = (queries * scale).reshape(B, n_kv_heads, n_heads // n_kv_heads, L, D)
+    if quantized:
+        group_size, bits = quantized
+        scores = mx.quantized_matmul(
+            queries,
+            *(mx.expand_dims(part, 2) for part in keys),
+            transpose=True,
+            group_size=group_size,
+            bits=bits,
+        )
+    else:
+        scores = queries @ mx.expand_dims(keys, 2).swapaxes(-1, -2)
     if isinstance(mask, str):
         if mask != "causal":
             raise ValueError(f"Unsupported attention mask {mask!r}")
-        n_q, n_k = scores.shape[-2:]
-        mask = mx.arange(n_k - n_q, n_k)[:, None] >= mx.arange(n_k)[None]
+        # The queries are the last L positions of the S keys.
+        S = scores.shape[-1]
+        mask = mx.arange(S - L, S)[:, None] >= mx.arange(S)[None]
     if mask is not None:
-        if n_rep > 1 and mask.ndim > 3:
-            # [B, H, L, S] style masks need a singleton for the n_rep axis.
+        if mask.ndim > 3:
+            # [B, H, L, S] masks gain the n_rep axis.
             mask = mx.expand_dims(mask, -3)
         if mask.dtype == mx.bool_:
             scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
         else:
             scores = scores + mask
-    weights = mx.softmax(scores, axis=-1, precise=True)
-    out = mx.quantized_matmul(
-        weights, *values, transpose=False, group_size=group_size, bits=bits
-    )
-    if n_rep > 1:
-        out = out.reshape(B, n_heads, L, -1)
-    return out
+    return mx.softmax(scores, axis=-1, precise=True)
+
+
+def _weighted_values(weights: mx.array, values, quantized) -> mx.array:
+    """Weights from :func:`_attention_weights` applied to ``values``: [B, H, L, D]."""
+    if quantized:
+        group_size, bits = quantized
+        out = mx.quantized_matmul(
+            weights,
+            *(mx.expand_dims(part, 2) for part in values),
+            transpose=False,
+            group_size=group_size,
+            bits=bits,
+        )
+    else:
+        out = weights @ mx.expand_dims(values, 2)
+    B, n_kv_heads, n_rep, L, D = out.shape
+    return out.reshape(B, n_kv_heads * n_rep, L, D)
 
 
 def scaled_dot_product_attention(
@@ -121,22 +131,38 @@ def scaled_dot_product_attention(
     scale: float,
     mask,
 ) -> mx.array:
-    """Multi-head attention; dispatches on whether the cache is quantized.
+    """Multi-head attention (GQA handled) against one layer's keys and values.
 
     ``queries`` is [B, n_heads, L, D]; keys/values are [B, n_kv_heads, S, D]
-    arrays, or (packed, scales, biases) tuples when ``cache`` quantizes (it
+    arrays, or (packed, scales, biases) triples when ``cache`` quantizes (it
     then has ``bits`` and ``group_size`` attributes).
+
+    A cache whose ``observed_queries`` is positive (an attention-scored window)
+    also gets the attention weights of that many of the newest queries, summed
+    over those queries and over the query heads of each KV head ([B,
+    n_kv_heads, S]), through ``cache.observe_attention``. The output is the
+    same either way; it depends on the updated totals, so evaluating it
+    computes them too.
     """
-    if hasattr(cache, "bits"):
-        return _quantized_attention(
-            queries,
-            keys,
-            values,
-            scale=scale,
-            mask=mask,
-            group_size=cache.group_size,
-            bits=cache.bits,
+    quantized = (cache.group_size, cache.bits) if hasattr(cache, "bits") else None
+    observed = getattr(cache, "observed_queries", 0)
+    weights = None
+    if quantized or observed >= queries.shape[2]:
+        weights = _attention_weights(queries, keys, scale, mask, quantized)
+        out = _weighted_values(weights, values, quantized)
+    else:
+        out = mx.fast.scaled_dot_product_attention(
+            queries, keys, values, scale=scale, mask=mask
         )
-    return mx.fast.scaled_dot_product_attention(
-        queries, keys, values, scale=scale, mask=mask
-    )
+    if not observed:
+        return out
+    if weights is None:
+        # A long chunk: only its last queries are written out a second time.
+        if isinstance(mask, mx.array):
+            mask = mask[..., -observed:, :]
+        tail = queries[:, :, -observed:, :]
+        weights = _attention_weights(tail, keys, scale, mask, quantized)
+    if weights.shape[3] > observed:
+        weights = weights[..., -observed:, :]
+    received = weights.sum(axis=(2, 3))
+    return mx.depends(out, cache.observe_attention(received))

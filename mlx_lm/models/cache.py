@@ -7,6 +7,7 @@ multiple of ``step``) so that appending ``n`` tokens one at a time costs
 ``O(log n)`` allocations.
 """
 
+import copy
 import os
 import uuid
 from dataclasses import asdict, dataclass, fields
@@ -444,10 +445,340 @@ class RotatingKVCache(_BaseCache):
         self._idx -= n
         return n
 
-    def to_quantized(self, group_size: int = 64, bits: int = 4) -> QuantizedKVCache:
-        raise NotImplementedError(
-            "RotatingKVCache cannot be converted to a QuantizedKVCache yet"
+    def to_quantized(
+        self, group_size: int = 64, bits: int = 4
+    ) -> "SlidingWindowKVCache":
+        """The same bound over quantized storage: a ``SlidingWindowKVCache`` of
+        ``max_size`` tokens keeping the first ``keep`` ("fixed" strategy) around
+        a ``QuantizedKVCache``. It evicts in blocks, so it holds up to
+        ``max_size + 32`` slots, the surplus hidden by its mask."""
+        ordered = KVCache()
+        if self.keys is not None:
+            ordered.state = (
+                self._in_time_order(self.keys),
+                self._in_time_order(self.values),
+            )
+        window = SlidingWindowKVCache(
+            ordered.to_quantized(group_size=group_size, bits=bits),
+            self.max_size,
+            "fixed",
+            fixed_prefix_size=self.keep,
         )
+        dropped = self.offset - ordered.offset
+        window.offset = self.offset
+        window.evictions = window.tokens_evicted = dropped
+        window._floor = ordered.offset if dropped else 0
+        return window
+
+
+def _fit(x, n: int):
+    """``x`` cut or zero-padded to ``n`` entries along its last axis."""
+    if x.shape[-1] >= n:
+        return x[..., :n]
+    return mx.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, n - x.shape[-1])])
+
+
+_WINDOW_INNER = {"KVCache": KVCache, "QuantizedKVCache": QuantizedKVCache}
+# What validation errors call the window settings: the constructor's arguments
+# and the KVCacheConfig fields.
+_WINDOW_ARGS = (
+    "window_size",
+    "eviction_strategy",
+    "fixed_prefix_size",
+    "eviction_attention_window",
+)
+_WINDOW_OPTIONS = (
+    "window_size",
+    "window_strategy",
+    "window_prefix",
+    "window_attention_span",
+)
+
+
+class SlidingWindowKVCache(_BaseCache):
+    """A bounded window of tokens stored in ``inner_cache`` (a ``KVCache`` or a
+    ``QuantizedKVCache``), which holds them in time order.
+
+    ``eviction_strategy`` decides which tokens stay:
+
+    * ``"fifo"``: the newest ``window_size``;
+    * ``"fixed"``: the first ``fixed_prefix_size`` and the newest rest;
+    * ``"attention"``: the first ``fixed_prefix_size`` and the newest
+      ``eviction_attention_window`` always; of the others, per KV head, those
+      that received the most attention since the last eviction. The attention
+      layer hands the weights over through :meth:`observe_attention` when
+      :attr:`observed_queries` asks for them.
+
+    Eviction works in blocks (hysteresis) instead of copying the window on
+    every token: the cache grows to ``window_size + eviction_attention_window``
+    slots, and the update after that first drops back to ``window_size`` in
+    one pass. For ``"attention"`` a block is exactly the decode steps that
+    score its candidates. For ``"fifo"`` and ``"fixed"`` the mask hides the
+    surplus, so every query sees exactly its window.
+
+    A chunk of several tokens is appended whole, and evicted from at the next
+    update. Within a chunk, under ``"fifo"`` and ``"fixed"`` each query sees
+    exactly what it would see if the chunk came one token at a time; under
+    ``"attention"`` it sees every token kept before the chunk and the chunk up
+    to itself, so at least the window.
+
+    ``offset`` counts every token ever added (RoPE positions stay absolute);
+    ``size()`` is the number of slots in use, which writes and masks follow.
+    """
+
+    def __init__(
+        self,
+        inner_cache,
+        window_size: int,
+        eviction_strategy: str = "fifo",
+        fixed_prefix_size: int = 0,
+        eviction_attention_window: int = 32,
+    ):
+        if type(inner_cache) not in _WINDOW_INNER.values():
+            raise ValueError(
+                "inner_cache must be a KVCache or a QuantizedKVCache, got "
+                f"{type(inner_cache).__name__}"
+            )
+        _check_window(
+            window_size,
+            eviction_strategy,
+            fixed_prefix_size,
+            eviction_attention_window,
+            _WINDOW_ARGS,
+        )
+        self.inner = inner_cache
+        self.window_size = window_size
+        self.eviction_strategy = eviction_strategy
+        self.fixed_prefix_size = fixed_prefix_size
+        self.eviction_attention_window = eviction_attention_window
+        # Tokens already in the inner cache are positions 0 .. offset - 1.
+        self.offset = inner_cache.offset
+        self.evictions = 0
+        self.tokens_evicted = 0
+        # Slots present right after the last eviction: trim never goes below.
+        self._floor = 0
+        # "attention": weight received per slot since the last eviction, [B, H, n].
+        self._scores = None
+
+    # Which tokens stay.
+
+    def _evicts_before(self, n_new: int) -> bool:
+        size = self.inner.offset
+        ceiling = self.window_size + self.eviction_attention_window
+        return size > self.window_size and size + n_new > ceiling
+
+    def _kept_slots(self, n: int) -> mx.array:
+        """Ascending slots (of ``n``) that survive, shaped to index axis 2."""
+        prefix = self.fixed_prefix_size
+        if self.eviction_strategy == "attention":
+            B, H = _parts(self.inner.keys)[0].shape[:2]
+            scores = mx.zeros((B, H, n)) if self._scores is None else self._scores
+            kept = select_kept(
+                _fit(scores, n),
+                self.window_size,
+                protect_first=prefix,
+                protect_last=self.eviction_attention_window,
+            )
+            return kept[..., None]
+        # Slots are in time order, so the slot number itself ranks by recency.
+        recency = mx.arange(n, dtype=mx.float32)
+        kept = select_kept(recency, self.window_size, protect_first=prefix)
+        return kept[None, None, :, None]
+
+    def _evict(self):
+        n, kept = self.inner.offset, self.window_size
+        index = self._kept_slots(n)
+        # The buffers get room for exactly one block of new tokens.
+        room = kept + self.eviction_attention_window
+        resize = _parts(self.inner.keys)[0].shape[2] != room
+        self.inner.allocations += resize
+        for name in ("keys", "values"):
+            stored = getattr(self.inner, name)
+            parts = []
+            for part in _parts(stored):
+                survivors = mx.take_along_axis(part[..., :n, :], index, axis=2)
+                if resize:
+                    part = _reserve(None, survivors, 0, 0, room)
+                part[..., :kept, :] = survivors
+                parts.append(part)
+            if isinstance(stored, mx.array):
+                setattr(self.inner, name, parts[0])
+            else:
+                setattr(self.inner, name, tuple(parts))
+        self.inner.offset = self._floor = kept
+        self.evictions += 1
+        self.tokens_evicted += n - kept
+        self._scores = None
+
+    def update_and_fetch(self, keys, values):
+        if self._evicts_before(keys.shape[2]):
+            self._evict()
+        self.offset += keys.shape[2]
+        return self.inner.update_and_fetch(keys, values)
+
+    @property
+    def observed_queries(self) -> int:
+        """How many of the newest queries of each call should report their
+        attention weights to :meth:`observe_attention` (0: none)."""
+        if self.eviction_strategy == "attention":
+            return self.eviction_attention_window
+        return 0
+
+    def observe_attention(self, received: mx.array) -> mx.array:
+        """Add ``received`` ([B, n_kv_heads, size()]: attention weights summed over
+        the observed queries and the query heads of each KV head) to the
+        per-slot totals. Returns the new totals, which the caller ties to its
+        output so that they are computed along with it."""
+        if received.dtype != mx.float32:
+            received = received.astype(mx.float32)
+        if self._scores is not None:
+            received = received + _fit(self._scores, received.shape[-1])
+        self._scores = received
+        return received
+
+    def eviction_stats(self) -> Dict[str, int]:
+        return {
+            "total_evictions": self.evictions,
+            "tokens_evicted": self.tokens_evicted,
+            "current_size": self.size(),
+        }
+
+    # The common cache interface.
+
+    def make_mask(self, N: int, return_array: bool = False, window_size=None):
+        held = self.window_size if self._evicts_before(N) else self.inner.offset
+        total, end = held + N, self.offset + N
+        prefix = self.fixed_prefix_size
+        if self.eviction_strategy == "attention":
+            # Slots no longer map to positions; a model's own window can only
+            # be honoured while it cannot hide anything.
+            if window_size is not None and window_size < end:
+                raise ValueError(
+                    f"the 'attention' strategy cannot apply a window of {window_size} "
+                    "tokens of the model's own; give such layers their own cache"
+                )
+            return _plain_mask(N, held, return_array, None)
+        # Slot j holds position j in the prefix and end - total + j after it.
+        first = 0 if prefix else end - total
+        hides_nothing = window_size is None or end - first <= window_size
+        if total <= self.window_size and hides_nothing:
+            return _plain_mask(N, held, return_array, None)
+        slots = mx.arange(total)
+        positions = mx.where(slots < prefix, slots, slots + end - total)
+        distance = mx.arange(end - N, end)[:, None] - positions[None]
+        recent = distance < self.window_size - prefix
+        visible = (distance >= 0) & ((positions < prefix) | recent)
+        if window_size is not None:
+            visible = visible & (distance < window_size)
+        return visible
+
+    def size(self) -> int:
+        return self.inner.offset
+
+    def empty(self) -> bool:
+        return self.inner.empty()
+
+    @property
+    def nbytes(self) -> int:
+        return self.inner.nbytes
+
+    @property
+    def bits(self) -> int:
+        # An AttributeError here (plain inner cache) tells attention that the
+        # layer is not quantized.
+        return self.inner.bits
+
+    @property
+    def group_size(self) -> int:
+        return self.inner.group_size
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    def trim(self, n: int) -> int:
+        """Drop the newest ``n`` tokens; refused (returns 0) when that would
+        reach tokens that were there at the last eviction."""
+        n = min(self.inner.offset, n)
+        if n > self.inner.offset - self._floor:
+            return 0
+        self.inner.trim(n)
+        self.offset -= n
+        return n
+
+    def to_quantized(self, group_size: int = 64, bits: int = 4):
+        """The same window over a ``QuantizedKVCache`` (``self`` when it already
+        is quantized with these settings)."""
+        if hasattr(self.inner, "bits"):
+            if (group_size, bits) != (self.inner.group_size, self.inner.bits):
+                raise ValueError(
+                    f"cache is already quantized with group_size="
+                    f"{self.inner.group_size}, bits={self.inner.bits}; got "
+                    f"group_size={group_size}, bits={bits}"
+                )
+            return self
+        quantized = copy.copy(self)
+        quantized.inner = self.inner.to_quantized(group_size=group_size, bits=bits)
+        return quantized
+
+    @property
+    def state(self):
+        inner = self.inner.state
+        if self._scores is None or _is_empty_state(inner):
+            return [inner]
+        return [inner, _fit(self._scores, self.inner.offset)]
+
+    @state.setter
+    def state(self, v):
+        v = [] if _is_empty_state(v) else list(v)
+        self.inner.state = v[0] if v else []
+        self._scores = v[1] if len(v) > 1 else None
+
+    @property
+    def meta_state(self):
+        own = (
+            type(self.inner).__name__,
+            self.window_size,
+            self.eviction_strategy,
+            self.fixed_prefix_size,
+            self.eviction_attention_window,
+            self.offset,
+            self._floor,
+            self.evictions,
+            self.tokens_evicted,
+        )
+        inner = self.inner.meta_state
+        return tuple(str(x) for x in own) + (tuple(inner) if inner else ())
+
+    @meta_state.setter
+    def meta_state(self, v):
+        name, size, strategy, prefix, span = v[:5]
+        if name != type(self.inner).__name__:
+            raise ValueError(
+                f"meta state is for a {name} inner cache, this one holds a "
+                f"{type(self.inner).__name__}"
+            )
+        size, prefix, span = int(size), int(prefix), int(span)
+        _check_window(size, strategy, prefix, span, _WINDOW_ARGS)
+        self.window_size, self.eviction_strategy = size, strategy
+        self.fixed_prefix_size, self.eviction_attention_window = prefix, span
+        counters = (int(x) for x in v[5:9])
+        self.offset, self._floor, self.evictions, self.tokens_evicted = counters
+        self.inner.meta_state = tuple(v[9:]) or ""
+        self._floor = min(self._floor, self.inner.offset)
+
+    @classmethod
+    def from_state(cls, state, meta_state):
+        name = meta_state[0] if meta_state else None
+        if name not in _WINDOW_INNER:
+            raise ValueError(
+                f"a SlidingWindowKVCache wraps one of {sorted(_WINDOW_INNER)}, "
+                f"got {name!r}"
+            )
+        cache = cls.__new__(cls)
+        cache.inner = _WINDOW_INNER[name]()
+        cache.state = state
+        cache.meta_state = meta_state
+        return cache
 
 
 class ChunkedKVCache(_BaseCache):
@@ -832,6 +1163,493 @@ class CacheList(_BaseCache):
             cache.finalize()
 
 
+def _parts(x) -> tuple:
+    """The arrays of a stored tensor: one array, or a quantized triple (which
+    comes back from a file as a list)."""
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def _head(x, n: int):
+    """The first ``n`` slots (axis 2) of a stored tensor."""
+    if isinstance(x, (tuple, list)):
+        return tuple(p[..., :n, :] for p in x)
+    return x[..., :n, :]
+
+
+def default_compact_margin(budget: int) -> int:
+    """Tokens a compressed layer may hold above ``budget`` before it is compacted.
+
+    An eighth of the budget keeps the extra memory at 12.5% while the cost of a
+    compaction (one pass over the layer) is spread over ``budget / 8`` tokens.
+    """
+    return max(16, budget // 8)
+
+
+def _check_compaction(budget, keep_recent, sink_tokens, margin):
+    # Order matters: a bad budget is reported before the values compared to it.
+    _check_int("budget", budget, 1)
+    _check_int("keep_recent", keep_recent, 0)
+    _check_int("sink_tokens", sink_tokens, 0)
+    _check_int("margin", margin, 1, optional=True)
+    if budget <= keep_recent + sink_tokens:
+        raise ValueError(
+            f"budget ({budget}) must be larger than keep_recent + sink_tokens "
+            f"({keep_recent} + {sink_tokens}), or it could never evict"
+        )
+
+
+class CompressedKVCache(_BaseCache):
+    """KV cache held near ``budget`` tokens by evicting the lowest-scoring keys.
+
+    Tokens are appended as in :class:`KVCache`. :meth:`compact` (which the
+    generation loop runs once a layer holds more than ``budget + margin``
+    tokens) keeps ``budget`` of them: the ``sink_tokens`` oldest, the
+    ``keep_recent`` newest and, among the others, those whose keys score
+    highest under ``policy`` (a name in ``KEY_SCORERS``). ``scope`` says what
+    shares one choice of tokens: ``"head"`` lets each KV head keep its own,
+    ``"layer"`` ranks by the mean score over heads, ``"model"`` lets
+    :func:`compact_prompt_cache` also average over all such layers.
+
+    ``offset`` is the absolute position of the next token (RoPE uses it and
+    eviction never lowers it); ``size()`` is the number of slots in use (what
+    writes and masks use). Survivors keep their order, so slot order stays
+    time order and every kept token precedes every new one.
+
+    With ``left_padding`` (one count per row) the cache holds a left-padded
+    batch like :class:`BatchKVCache`: ``offset`` is then an array per row and
+    padding slots are evicted before any token.
+
+    Buffers grow geometrically up to the first multiple of ``step`` above
+    ``budget + margin``. A compaction gathers the survivors into a new buffer
+    with that much room, so the tokens up to the next one never reallocate.
+    """
+
+    step = 256
+
+    def __init__(
+        self,
+        budget: int,
+        keep_recent: int = 32,
+        policy: str = "l2-low",
+        scope: str = "layer",
+        sink_tokens: int = 0,
+        margin: Optional[int] = None,
+        left_padding: Optional[List[int]] = None,
+    ):
+        _check_compaction(budget, keep_recent, sink_tokens, margin)
+        _check_choice("policy", policy, KEY_SCORERS)
+        _check_choice("scope", scope, COMPACT_SCOPES)
+        self.budget = budget
+        self.keep_recent = keep_recent
+        self.policy = policy
+        self.scope = scope
+        self.sink_tokens = sink_tokens
+        self.margin = default_compact_margin(budget) if margin is None else margin
+        self.keys = None
+        self.values = None
+        self._size = 0
+        # Slots present right after the last compaction: trim never goes below.
+        self._floor = 0
+        # Per-head scores of those slots (per-token policies), and the scores
+        # head_scores() computed for the compaction about to happen.
+        self._kept_scores = None
+        self._pending_scores = None
+        self.compactions = 0
+        self.allocations = 0
+        if left_padding is None:
+            self.left_padding, self.offset = None, 0
+        else:
+            self.left_padding = mx.array(left_padding)
+            self.offset = -self.left_padding
+
+    @classmethod
+    def from_config(cls, config: "KVCacheConfig", left_padding=None):
+        return cls(
+            config.compact_kv_budget,
+            keep_recent=config.compact_keep_recent,
+            policy=config.compact_policy,
+            scope=config.compact_scope,
+            sink_tokens=config.compact_sink_tokens,
+            margin=config.compact_margin,
+            left_padding=left_padding,
+        )
+
+    # Storage: the quantized subclass keeps (packed, scales, biases) triples.
+
+    def _encode(self, x):
+        return x
+
+    def _pack(self, parts):
+        return parts[0]
+
+    def _dense_keys(self, start: int = 0):
+        return self.keys[..., start : self._size, :]
+
+    def _buffers(self) -> tuple:
+        return _parts(self.keys) + _parts(self.values)
+
+    def _set_buffers(self, buffers):
+        half = len(buffers) // 2
+        self.keys = self._pack(buffers[:half])
+        self.values = self._pack(buffers[half:])
+
+    def _capacity(self) -> int:
+        return 0 if self.keys is None else _parts(self.keys)[0].shape[2]
+
+    def _room_after(self, n: int) -> int:
+        """Capacity that holds ``n`` slots plus a full margin of new tokens."""
+        return _round_up(n + self.margin + 1, self.step)
+
+    def update_and_fetch(self, keys, values):
+        parts = _parts(self._encode(keys)) + _parts(self._encode(values))
+        start, stop = self._size, self._size + keys.shape[2]
+        capacity = self._capacity()
+        if stop > capacity:
+            ceiling = self._room_after(self.budget)
+            capacity = _round_up(max(stop, min(2 * capacity, ceiling)), self.step)
+            old = self._buffers() if self.keys is not None else [None] * len(parts)
+            self._set_buffers(
+                [_reserve(o, p, 0, start, capacity) for o, p in zip(old, parts)]
+            )
+            self.allocations += 1
+        for buffer, part in zip(self._buffers(), parts):
+            buffer[..., start:stop, :] = part
+        self._size = stop
+        self.offset = self.offset + keys.shape[2]
+        self._pending_scores = None
+        return _head(self.keys, stop), _head(self.values, stop)
+
+    # Choosing and dropping tokens.
+
+    def head_scores(self) -> mx.array:
+        """Score of every slot in use for each KV head, shape [B, H, size()].
+
+        Under a per-token policy the slots kept by the last compaction keep
+        their scores, so only the tokens added since are read and scored.
+        """
+        scorer = KEY_SCORERS[self.policy]
+        if self.policy not in PER_TOKEN_POLICIES:
+            keys = self._dense_keys()
+            if self.left_padding is not None:
+                # Zero keys carry no direction, so padding cannot sway a scorer
+                # that looks at all keys at once (keydiff's mean key).
+                pad = self.left_padding[:, None, None, None]
+                keys = keys * (mx.arange(self._size)[:, None] >= pad)
+            return scorer(keys)
+        if self._kept_scores is None:
+            scores = scorer(self._dense_keys())
+        else:
+            fresh = scorer(self._dense_keys(self._floor))
+            scores = mx.concatenate([self._kept_scores, fresh], axis=-1)
+        self._pending_scores = scores
+        return scores
+
+    def _protect(self, scores):
+        """Padding slots to -inf and sink tokens to +inf, per row."""
+        if self.left_padding is None and self.sink_tokens == 0:
+            return scores
+        pos = mx.arange(scores.shape[-1])
+        pad = 0
+        if self.left_padding is not None:
+            pad = self.left_padding.reshape((-1,) + (1,) * (scores.ndim - 1))
+            scores = mx.where(pos < pad, mx.array(-mx.inf, scores.dtype), scores)
+        if self.sink_tokens:
+            sink = (pos >= pad) & (pos < pad + self.sink_tokens)
+            scores = mx.where(sink, mx.array(mx.inf, scores.dtype), scores)
+        return scores
+
+    def select(self, n_keep: int, scores: Optional[mx.array] = None) -> mx.array:
+        """Ascending indices of the ``n_keep`` slots to keep.
+
+        ``scores`` ([B, T] shared by the heads, or [B, H, T] per head) default
+        to this layer's own, aggregated as ``scope`` says. The result has the
+        same leading shape: [B, n_keep] or [B, H, n_keep].
+        """
+        if scores is None:
+            scores = self.head_scores()
+            if self.scope != "head":
+                scores = mx.mean(scores, axis=1)
+        return select_kept(self._protect(scores), n_keep, protect_last=self.keep_recent)
+
+    def _check_kept(self, kept):
+        if self.keys is None:
+            raise ValueError("cannot compact an empty CompressedKVCache")
+        B, H = _parts(self.keys)[0].shape[:2]
+        wanted = f"[{B}, n] or [{B}, {H}, n] with 1 <= n <= {self._size}"
+        if kept.ndim not in (2, 3) or kept.shape[0] != B:
+            raise ValueError(f"kept_indices must be {wanted}, got {kept.shape}")
+        if kept.ndim == 3 and kept.shape[1] != H:
+            raise ValueError(f"kept_indices must be {wanted}, got {kept.shape}")
+        if not 0 < kept.shape[-1] <= self._size:
+            raise ValueError(f"kept_indices must be {wanted}, got {kept.shape}")
+
+    def compact(self, kept_indices: Optional[mx.array] = None):
+        """Keep only the slots ``kept_indices`` (ascending; [B, n] shared by
+        the heads or [B, H, n] per head), or, without it, the ``budget`` slots
+        :meth:`select` picks when more are held. ``offset`` is unchanged."""
+        if kept_indices is None:
+            if self._size <= self.budget:
+                return
+            kept_indices = self.select(self.budget)
+        else:
+            self._check_kept(kept_indices)
+        n = kept_indices.shape[-1]
+        if kept_indices.ndim == 2:
+            index = kept_indices[:, None, :, None]
+        else:
+            index = kept_indices[..., None]
+        scores, self._pending_scores = self._pending_scores, None
+        self._kept_scores = None
+        if scores is not None and scores.shape[-1] == self._size:
+            self._kept_scores = mx.take_along_axis(scores, index[..., 0], axis=-1)
+        # One gather per buffer straight into a fresh buffer with room for a
+        # full margin: the slots past n repeat slot 0 and are never read. (An
+        # in-place write would copy the whole old buffer instead.)
+        room = self._room_after(n)
+        filler = mx.zeros(index.shape[:2] + (room - n, 1), index.dtype)
+        index = mx.concatenate([index, filler], axis=2)
+        self._set_buffers(
+            [mx.take_along_axis(b, index, axis=2) for b in self._buffers()]
+        )
+        self.allocations += 1
+        if self.left_padding is not None:
+            rows = kept_indices if kept_indices.ndim == 2 else kept_indices[:, 0]
+            still_padding = rows < self.left_padding[:, None]
+            self.left_padding = mx.sum(still_padding, axis=-1).astype(mx.int32)
+        self._size = self._floor = n
+        self.compactions += 1
+
+    # The common cache interface.
+
+    def make_mask(self, N: int, return_array: bool = False, window_size=None):
+        if window_size is not None and self.compactions:
+            raise ValueError(
+                "a sliding-window layer cannot use a CompressedKVCache that has "
+                "evicted tokens: its slots no longer match positions"
+            )
+        if self.left_padding is not None:
+            return create_causal_mask(
+                N, self._size, window_size=window_size, left_padding=self.left_padding
+            )
+        # Kept tokens all precede the N new ones, so the kernel's "causal"
+        # (aligned to the last key) is the right mask for N < size + N keys.
+        return _plain_mask(N, self._size, return_array, window_size)
+
+    def size(self) -> int:
+        return self._size
+
+    def empty(self) -> bool:
+        return self.keys is None
+
+    @property
+    def nbytes(self) -> int:
+        if self.keys is None:
+            return 0
+        capacity = self._capacity()
+        return sum(b.nbytes // capacity * self._size for b in self._buffers())
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    def trim(self, n: int) -> int:
+        """Drop the newest ``n`` tokens; refused (returns 0) when that would
+        reach tokens that were there at the last compaction."""
+        n = min(self._size, n)
+        if n > self._size - self._floor:
+            return 0
+        self._pending_scores = None
+        self._size -= n
+        self.offset = self.offset - n
+        return n
+
+    @property
+    def state(self):
+        arrays = []
+        if self.keys is not None:
+            arrays = [_head(self.keys, self._size), _head(self.values, self._size)]
+        if self.left_padding is not None:
+            arrays += [self.offset, self.left_padding]
+        return arrays
+
+    @state.setter
+    def state(self, v):
+        v = [] if _is_empty_state(v) else list(v)
+        self.allocations = 0
+        self._kept_scores = self._pending_scores = None
+        self.left_padding = None
+        # A batch ends with its per-row offset and left padding (1-D arrays).
+        if v and getattr(v[-1], "ndim", None) == 1:
+            self.offset, self.left_padding = v[-2], v[-1]
+            v = v[:-2]
+        if v:
+            keys, values = v
+            self._set_buffers([_own(b) for b in _parts(keys) + _parts(values)])
+            self._size = self._capacity()
+        else:
+            self.keys = self.values = None
+            self._size = 0
+
+    @property
+    def meta_state(self):
+        fields_ = (
+            self.budget,
+            self.keep_recent,
+            self.policy,
+            self.scope,
+            self.sink_tokens,
+            self.margin,
+            self._floor,
+            self.compactions,
+            "batch" if self.left_padding is not None else self.offset,
+        )
+        return tuple(str(x) for x in fields_)
+
+    @meta_state.setter
+    def meta_state(self, v):
+        budget, keep_recent, policy, scope, sink, margin, floor, compactions, offset = v[:9]
+        self.budget, self.keep_recent = int(budget), int(keep_recent)
+        self.policy, self.scope = policy, scope
+        self.sink_tokens, self.margin = int(sink), int(margin)
+        _check_compaction(self.budget, self.keep_recent, self.sink_tokens, self.margin)
+        _check_choice("policy", policy, KEY_SCORERS)
+        _check_choice("scope", scope, COMPACT_SCOPES)
+        self._floor = min(int(floor), self._size)
+        self.compactions = int(compactions)
+        if offset != "batch":
+            self.offset = int(offset)
+
+    def eviction_stats(self) -> Dict[str, int]:
+        """Compactions so far, tokens they evicted and slots now held."""
+        if self.left_padding is None:
+            evicted = self.offset - self._size
+        else:
+            # Real tokens fed minus real tokens held, summed over rows.
+            held = self._size - self.left_padding
+            evicted = mx.sum(self.offset - held).item()
+        return {
+            "total_evictions": self.compactions,
+            "tokens_evicted": evicted,
+            "current_size": self._size,
+        }
+
+    def to_quantized(self, group_size: int = 64, bits: int = 4):
+        quantized = QuantizedCompressedKVCache(
+            self.budget,
+            keep_recent=self.keep_recent,
+            policy=self.policy,
+            scope=self.scope,
+            sink_tokens=self.sink_tokens,
+            margin=self.margin,
+            group_size=group_size,
+            bits=bits,
+        )
+        quantized.offset, quantized.left_padding = self.offset, self.left_padding
+        quantized._floor, quantized.compactions = self._floor, self.compactions
+        if self.keys is not None:
+            keys, values = self.state[:2]
+            quantized.keys = quantized._encode(keys)
+            quantized.values = quantized._encode(values)
+            quantized._size = self._size
+        return quantized
+
+
+class QuantizedCompressedKVCache(CompressedKVCache):
+    """:class:`CompressedKVCache` storing ``mx.quantize`` triples, so that memory
+    shrinks by eviction and by quantization. Compaction gathers the packed
+    rows, scales and biases alike; keys are scored after dequantization."""
+
+    def __init__(
+        self,
+        budget: int,
+        keep_recent: int = 32,
+        policy: str = "l2-low",
+        scope: str = "layer",
+        sink_tokens: int = 0,
+        margin: Optional[int] = None,
+        left_padding: Optional[List[int]] = None,
+        group_size: int = 64,
+        bits: int = 8,
+    ):
+        super().__init__(
+            budget, keep_recent, policy, scope, sink_tokens, margin, left_padding
+        )
+        self.group_size = group_size
+        self.bits = bits
+
+    def _encode(self, x):
+        return tuple(mx.quantize(x, group_size=self.group_size, bits=self.bits))
+
+    def _pack(self, parts):
+        return tuple(parts)
+
+    def _dense_keys(self, start: int = 0):
+        parts = (p[..., start : self._size, :] for p in self.keys)
+        return mx.dequantize(*parts, group_size=self.group_size, bits=self.bits)
+
+    @property
+    def meta_state(self):
+        return super().meta_state + (str(self.group_size), str(self.bits))
+
+    @meta_state.setter
+    def meta_state(self, v):
+        CompressedKVCache.meta_state.fset(self, v)
+        self.group_size, self.bits = int(v[9]), int(v[10])
+
+    def to_quantized(self, group_size: int = 64, bits: int = 4):
+        if (group_size, bits) != (self.group_size, self.bits):
+            raise ValueError(
+                f"cache is already quantized with group_size={self.group_size}, "
+                f"bits={self.bits}; got group_size={group_size}, bits={bits}"
+            )
+        return self
+
+
+def _check_shared(layers):
+    """Layers sharing one choice of kept tokens must agree on its shape."""
+    i0, first = layers[0]
+    for i, layer in layers[1:]:
+        for name in ("size", "budget", "keep_recent", "sink_tokens", "margin"):
+            mine, theirs = getattr(layer, name), getattr(first, name)
+            if name == "size":
+                mine, theirs = mine(), theirs()
+            if mine != theirs:
+                raise ValueError(
+                    f"layer {i} cannot share kept tokens with layer {i0} "
+                    f"(compact_scope='model'): its {name} is {mine}, not {theirs}"
+                )
+
+
+def compact_prompt_cache(prompt_cache: List[Any], slack: Optional[int] = None) -> int:
+    """Compact every :class:`CompressedKVCache` layer of ``prompt_cache`` that
+    holds more than its budget plus ``slack`` tokens (default: its own margin,
+    the hysteresis used while generating; ``0``: anything above the budget).
+
+    Layers with scope ``"model"`` keep one common set of tokens ranked by their
+    scores averaged over heads and layers; they must agree on size, budget and
+    protected tokens. Deciding compares Python integers only, so it never
+    waits for the device. Returns the number of layers compacted.
+    """
+    shared, done = [], 0
+    for i, layer in enumerate(prompt_cache):
+        if not isinstance(layer, CompressedKVCache):
+            continue
+        if layer.scope == "model":
+            shared.append((i, layer))
+        elif layer.size() > layer.budget + (layer.margin if slack is None else slack):
+            layer.compact()
+            done += 1
+    if shared:
+        _check_shared(shared)
+        first = shared[0][1]
+        if first.size() > first.budget + (first.margin if slack is None else slack):
+            scores = [mx.mean(c.head_scores(), axis=1) for _, c in shared]
+            kept = first.select(first.budget, mx.mean(mx.stack(scores), axis=0))
+            for _, layer in shared:
+                layer.compact(kept)
+            done += len(shared)
+    return done
+
+
 _CACHE_CLASSES = {
     c.__name__: c
     for c in (
@@ -841,6 +1659,9 @@ _CACHE_CLASSES = {
         ChunkedKVCache,
         BatchKVCache,
         CacheList,
+        SlidingWindowKVCache,
+        CompressedKVCache,
+        QuantizedCompressedKVCache,
     )
 }
 
@@ -884,6 +1705,16 @@ def _bounded_cache(config: "KVCacheConfig"):
     """The cache for one layer without a window of its own, under ``config``."""
     if config.max_kv_size is not None:
         return RotatingKVCache(config.max_kv_size, keep=4)
+    if config.compact_kv_budget is not None:
+        return CompressedKVCache.from_config(config)
+    if config.window_size is not None:
+        return SlidingWindowKVCache(
+            KVCache(),
+            config.window_size,
+            config.window_strategy,
+            fixed_prefix_size=config.window_prefix,
+            eviction_attention_window=config.window_attention_span,
+        )
     raise ValueError(f"no cache implements {config}")
 
 
@@ -960,27 +1791,61 @@ def trim_prompt_cache(cache: List[Any], num_tokens: int) -> int:
     return [c.trim(num_tokens) for c in cache][0]
 
 
+def cache_eviction_stats(prompt_cache: List[Any]) -> Dict[str, int]:
+    """Eviction totals over the layers of ``prompt_cache``.
+
+    A layer with ``eviction_stats()`` reports its own counts. Any other layer
+    with an integer ``offset`` and ``size()`` has evicted ``offset - size()``
+    tokens, counted as one eviction each (as a rotating cache drops them).
+    Layers with neither are skipped.
+    """
+    totals = {"total_evictions": 0, "tokens_evicted": 0, "current_size": 0}
+    for layer in prompt_cache:
+        if hasattr(layer, "eviction_stats"):
+            stats = layer.eviction_stats()
+        elif isinstance(getattr(layer, "offset", None), int):
+            dropped = layer.offset - layer.size()
+            stats = {
+                "total_evictions": dropped,
+                "tokens_evicted": dropped,
+                "current_size": layer.size(),
+            }
+        else:
+            continue
+        for key in totals:
+            totals[key] += stats[key]
+    return totals
+
+
 # ---------------------------------------------------------------------------
 # Eviction: scoring functions, selection, and the options that configure it.
 # ---------------------------------------------------------------------------
 
 
+def _as_f32_with_norms(keys: mx.array):
+    """Keys in float32 and their L2 norms (a contraction over the last axis,
+    which unlike ``linalg.norm`` makes no key-sized temporary)."""
+    k = keys.astype(mx.float32)
+    return k, mx.sqrt(mx.einsum("...d,...d->...", k, k))
+
+
 def score_l2_low(keys: mx.array) -> mx.array:
     """KnormPress (arXiv 2406.11430): low-norm keys draw attention, keep them."""
-    return -mx.linalg.norm(keys.astype(mx.float32), axis=-1)
+    return -_as_f32_with_norms(keys)[1]
 
 
 def score_l2_high(keys: mx.array) -> mx.array:
     """The reverse of ``l2-low``: keep the keys with the largest norm."""
-    return mx.linalg.norm(keys.astype(mx.float32), axis=-1)
+    return _as_f32_with_norms(keys)[1]
 
 
 def score_keydiff(keys: mx.array) -> mx.array:
-    """KeyDiff (arXiv 2504.15364): keep keys least aligned with the mean key direction."""
-    k = keys.astype(mx.float32)
-    unit = k / (mx.linalg.norm(k, axis=-1, keepdims=True) + 1e-6)
-    anchor = mx.mean(unit, axis=-2, keepdims=True)
-    return -mx.sum(unit * anchor, axis=-1)
+    """KeyDiff (arXiv 2504.15364): keep the keys least aligned (by cosine
+    similarity) with the mean of the unit keys."""
+    k, norms = _as_f32_with_norms(keys)
+    inverse = 1.0 / (norms + 1e-6)
+    mean_unit = (inverse[..., None, :] @ k) / k.shape[-2]
+    return -(k @ mx.swapaxes(mean_unit, -1, -2))[..., 0] * inverse
 
 
 # A policy is nothing but a function from keys [..., T, D] to scores [..., T]:
@@ -990,6 +1855,9 @@ KEY_SCORERS = {
     "l2-high": score_l2_high,
     "keydiff": score_keydiff,
 }
+# Policies under which a token's score depends on its own key alone, so that
+# a score once computed stays valid while the token is kept.
+PER_TOKEN_POLICIES = {"l2-low", "l2-high"}
 
 
 def select_kept(
@@ -1034,6 +1902,33 @@ def _check_int(name, value, low, optional=False):
 def _check_choice(name, value, choices):
     if value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def _check_window(size, strategy, prefix, span, names):
+    """Validate sliding-window settings; ``names`` are what errors call the four
+    (a ``size`` of None checks the others alone)."""
+    size_name, strategy_name, prefix_name, span_name = names
+    _check_int(size_name, size, 1, optional=True)
+    _check_choice(strategy_name, strategy, WINDOW_STRATEGIES)
+    _check_int(prefix_name, prefix, 0)
+    _check_int(span_name, span, 1)
+    if size is None:
+        return
+    if prefix >= size:
+        raise ValueError(
+            f"{prefix_name} ({prefix}) must be smaller than {size_name} ({size})"
+        )
+    if strategy == "fifo" and prefix > 0:
+        raise ValueError(
+            f"{prefix_name} ({prefix}) needs {strategy_name} 'fixed' or 'attention'; "
+            "'fifo' keeps no prefix"
+        )
+    if strategy == "attention" and size <= prefix + span:
+        raise ValueError(
+            f"{size_name} ({size}) must be larger than {prefix_name} + {span_name} "
+            f"({prefix} + {span}) with {strategy_name} 'attention', or no token "
+            "would be kept for the attention it received"
+        )
 
 
 @dataclass
@@ -1083,15 +1978,13 @@ class KVCacheConfig:
                     f"compact_keep_recent + compact_sink_tokens ({protected})"
                 )
 
-        _check_int("window_size", self.window_size, 1, optional=True)
-        _check_choice("window_strategy", self.window_strategy, WINDOW_STRATEGIES)
-        _check_int("window_prefix", self.window_prefix, 0)
-        _check_int("window_attention_span", self.window_attention_span, 1)
-        if self.window_size is not None and self.window_prefix >= self.window_size:
-            raise ValueError(
-                f"window_prefix ({self.window_prefix}) must be smaller than "
-                f"window_size ({self.window_size})"
-            )
+        _check_window(
+            self.window_size,
+            self.window_strategy,
+            self.window_prefix,
+            self.window_attention_span,
+            _WINDOW_OPTIONS,
+        )
 
         bounds = [
             f"{name}={getattr(self, name)}"
