@@ -8,7 +8,7 @@ sys.path.insert(0, str(here / "mlx_lm"))
 from _version import __version__  # noqa: E402
 
 requirements = [
-    "mlx>=0.29",
+    "mlx>=0.31.2",
     "numpy",
     "transformers>=4.45",
     "huggingface-hub",

@@ -3,7 +3,7 @@
 import importlib
 import sys
 
-COMMANDS = ("convert", "generate", "cache_prompt")
+COMMANDS = ("convert", "generate", "cache_prompt", "server")
 
 
 def main():

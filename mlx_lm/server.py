@@ -1,0 +1,1316 @@
+"""``mlx_lm.server``: an OpenAI-compatible HTTP API over one loaded model.
+
+Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``
+and ``GET /health``. Every KV-cache memory option of ``mlx_lm.generate`` is a server
+flag (the default for every request) and a field of the request body (an override for
+that request); responses carry a ``kv_cache`` object saying which options were used,
+how many tokens the cache evicted and how many bytes it holds.
+
+One worker thread owns the models and runs every generation: MLX and the models are
+not thread-safe, so HTTP threads only parse, validate and relay, and requests wait in
+a first-come first-served queue. The worker keeps the cache of the last request so
+that the next turn of the same conversation only prefills its new tokens.
+
+The server binds the loopback interface unless ``--host`` says otherwise, answers
+only for the models it was started with and reports every bad request as a 4xx JSON
+error in OpenAI's format.
+"""
+
+import argparse
+import json
+import queue
+import select
+import socket
+import sys
+import threading
+import time
+import traceback
+import uuid
+from dataclasses import asdict, dataclass, field, fields, replace
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable, Dict, List, Optional
+
+import mlx.core as mx
+
+from .generate import (
+    DEFAULT_MIN_P,
+    DEFAULT_TEMP,
+    DEFAULT_TOP_K,
+    DEFAULT_TOP_P,
+    add_kv_cache_arguments,
+    kv_config_from_args,
+    stream_generate,
+)
+from .models.cache import (
+    KVCacheConfig,
+    cache_eviction_stats,
+    can_trim_prompt_cache,
+    make_prompt_cache,
+    trim_prompt_cache,
+)
+from .sample_utils import make_logits_processors, make_sampler
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+DEFAULT_MAX_TOKENS = 512
+DEFAULT_MAX_REQUEST_BYTES = 1 << 20
+DEFAULT_MODEL_ALIAS = "default_model"
+MAX_TOP_LOGPROBS = 20
+MAX_STOP_SEQUENCES = 16
+
+KV_OPTIONS = tuple(f.name for f in fields(KVCacheConfig))
+# The ways of bounding a cache exclude each other: a request naming one replaces
+# whichever the server was started with.
+KV_BOUNDS = ("max_kv_size", "compact_kv_budget", "window_size")
+
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+# Fields every request may carry; those specific to one endpoint are added below.
+COMMON_FIELDS = {
+    "model",
+    "stream",
+    "stream_options",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "repetition_context_size",
+    "logit_bias",
+    "seed",
+    "stop",
+    "n",
+    "user",
+    "presence_penalty",
+    "frequency_penalty",
+    *KV_OPTIONS,
+}
+CHAT_FIELDS = COMMON_FIELDS | {
+    "messages",
+    "max_completion_tokens",
+    "logprobs",
+    "top_logprobs",
+}
+TEXT_FIELDS = COMMON_FIELDS | {"prompt", "logprobs"}
+
+
+class APIError(Exception):
+    """A request the server refuses, with the HTTP status and OpenAI error fields."""
+
+    def __init__(self, status, message, param=None, code=None):
+        super().__init__(message)
+        self.status = int(status)
+        self.message = message
+        self.param = param
+        self.code = code
+        self.kind = "invalid_request_error" if self.status < 500 else "server_error"
+
+    def body(self) -> dict:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.kind,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+def _invalid(param, message):
+    return APIError(400, message, param=param, code="invalid_value")
+
+
+# ---------------------------------------------------------------------------
+# Request parsing (HTTP threads; no MLX work here)
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class ServerDefaults:
+    """What a request gets for every field it leaves out."""
+
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    temperature: float = DEFAULT_TEMP
+    top_p: float = DEFAULT_TOP_P
+    top_k: int = DEFAULT_TOP_K
+    min_p: float = DEFAULT_MIN_P
+    kv_config: KVCacheConfig = field(default_factory=KVCacheConfig)
+
+
+@dataclass
+class GenerationRequest:
+    """A validated completion request, ready for the worker."""
+
+    kind: str  # "chat" or "text"
+    model_id: str
+    messages: Optional[List[Dict[str, str]]]
+    prompt: Any  # str or list of token ids (text completions)
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: float
+    repetition_penalty: Optional[float]
+    repetition_context_size: int
+    logit_bias: Optional[Dict[int, float]]
+    seed: Optional[int]
+    stop: List[str]
+    stream: bool
+    include_usage: bool
+    logprobs: bool
+    top_logprobs: int
+    kv_config: KVCacheConfig
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+class _Fields:
+    """Typed, range-checked reads of a JSON request body; ``null`` means absent."""
+
+    def __init__(self, body: dict):
+        self.body = body
+
+    def _read(self, name, check, expected, default):
+        value = self.body.get(name)
+        if value is None:
+            return default
+        if not check(value):
+            raise _invalid(name, f"{name} must be {expected}, got {value!r}")
+        return value
+
+    def integer(self, name, default=None, low=None, high=None):
+        value = self._read(name, _is_int, "an integer", default)
+        if value is not None and (
+            (low is not None and value < low) or (high is not None and value > high)
+        ):
+            span = f"[{low}, {high}]" if high is not None else f"at least {low}"
+            raise _invalid(name, f"{name} must be {span}, got {value}")
+        return value
+
+    def number(self, name, default=None, low=None, high=None, positive=False):
+        value = self._read(name, _is_number, "a number", default)
+        if value is None:
+            return value
+        if positive and value <= 0:
+            raise _invalid(name, f"{name} must be positive, got {value}")
+        if (low is not None and value < low) or (high is not None and value > high):
+            span = f"[{low}, {high}]" if high is not None else f"at least {low}"
+            raise _invalid(name, f"{name} must be {span}, got {value}")
+        return float(value)
+
+    def boolean(self, name, default=False):
+        return self._read(name, lambda v: isinstance(v, bool), "true or false", default)
+
+    def text(self, name, default=None):
+        return self._read(name, lambda v: isinstance(v, str), "a string", default)
+
+    def mapping(self, name):
+        return self._read(name, lambda v: isinstance(v, dict), "an object", None)
+
+
+def _parse_messages(value):
+    if not isinstance(value, list) or not value:
+        raise _invalid("messages", "messages must be a non-empty array of objects")
+    messages = []
+    for i, m in enumerate(value):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise _invalid(where, f"{where} must be an object, got {m!r}")
+        role = m.get("role")
+        if role not in CHAT_ROLES:
+            raise _invalid(
+                f"{where}.role", f"{where}.role must be one of {list(CHAT_ROLES)}"
+            )
+        content = m.get("content")
+        if content is None:
+            content = ""
+        elif isinstance(content, list):
+            pieces = []
+            for part in content:
+                if not isinstance(part, dict) or part.get("type") != "text":
+                    raise _invalid(
+                        f"{where}.content", "only text content parts are supported"
+                    )
+                if not isinstance(part.get("text"), str):
+                    raise _invalid(f"{where}.content", "a text part needs a string")
+                pieces.append(part["text"])
+            content = "".join(pieces)
+        elif not isinstance(content, str):
+            raise _invalid(
+                f"{where}.content", f"{where}.content must be a string or an array"
+            )
+        messages.append(
+            {"role": "system" if role == "developer" else role, "content": content}
+        )
+    return messages
+
+
+def _parse_prompt(value):
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str):
+        return value[0]
+    if isinstance(value, list) and value and all(_is_int(t) for t in value):
+        if min(value) < 0:
+            raise _invalid("prompt", "token ids must be non-negative")
+        return list(value)
+    raise _invalid(
+        "prompt", "prompt must be a string, an array of one string or of token ids"
+    )
+
+
+def _parse_stop(value):
+    if value is None:
+        return []
+    stops = [value] if isinstance(value, str) else value
+    if (
+        not isinstance(stops, list)
+        or not all(isinstance(s, str) and s for s in stops)
+        or len(stops) > MAX_STOP_SEQUENCES
+    ):
+        raise _invalid(
+            "stop",
+            f"stop must be a non-empty string or an array of at most "
+            f"{MAX_STOP_SEQUENCES} non-empty strings",
+        )
+    return stops
+
+
+def _parse_logit_bias(value):
+    if value is None:
+        return None
+    bias = {}
+    for key, amount in value.items():
+        if not (isinstance(key, str) and key.isdigit()) or not _is_number(amount):
+            raise _invalid(
+                "logit_bias", "logit_bias maps token ids to numbers in [-100, 100]"
+            )
+        if not -100 <= amount <= 100:
+            raise _invalid("logit_bias", "logit_bias values must be in [-100, 100]")
+        bias[int(key)] = float(amount)
+    return bias
+
+
+def request_kv_config(base: KVCacheConfig, body: dict) -> KVCacheConfig:
+    """``base`` with the memory options named in ``body`` applied.
+
+    Naming one way of bounding the cache (``max_kv_size``, ``compact_kv_budget`` or
+    ``window_size``) drops the server's own bound. Values are checked exactly as on
+    the command line; a bad one is an :class:`APIError` (400) naming it.
+    """
+    overrides = {k: body[k] for k in KV_OPTIONS if body.get(k) is not None}
+    if any(k in overrides for k in KV_BOUNDS):
+        base = replace(base, **{k: None for k in KV_BOUNDS})
+    try:
+        return KVCacheConfig.from_options(base, **overrides)
+    except ValueError as e:
+        message = str(e)
+        named = [k for k in overrides if k in message] or [None]
+        raise APIError(400, message, param=named[0], code="invalid_kv_cache_option")
+
+
+def parse_request(body, kind, defaults: ServerDefaults, models) -> GenerationRequest:
+    """Validate a completion request body; raise :class:`APIError` when it is bad."""
+    if not isinstance(body, dict):
+        raise APIError(
+            400, "the request body must be a JSON object", code="invalid_json"
+        )
+    allowed = CHAT_FIELDS if kind == "chat" else TEXT_FIELDS
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise APIError(
+            400,
+            f"unsupported field(s): {', '.join(unknown)}",
+            param=unknown[0],
+            code="unsupported_field",
+        )
+    f = _Fields(body)
+    model_id = models.resolve(f.text("model"))
+    if f.integer("n", 1) != 1:
+        raise _invalid("n", "only n=1 is supported")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if f.number(name, 0.0) != 0.0:
+            raise _invalid(name, f"{name} is not supported; use repetition_penalty")
+    f.text("user")
+
+    stream_options = f.mapping("stream_options") or {}
+    include_usage = stream_options.get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise _invalid("stream_options", "stream_options.include_usage must be boolean")
+
+    max_tokens = f.integer("max_tokens", defaults.max_tokens, low=1)
+    if kind == "chat":
+        max_tokens = f.integer("max_completion_tokens", max_tokens, low=1)
+        messages, prompt = _parse_messages(body.get("messages")), None
+        logprobs = f.boolean("logprobs")
+        top_logprobs = f.integer("top_logprobs", 0, low=0, high=MAX_TOP_LOGPROBS)
+        if top_logprobs and not logprobs:
+            raise _invalid("top_logprobs", "top_logprobs needs logprobs=true")
+    else:
+        if body.get("prompt") is None:
+            raise _invalid("prompt", "prompt is required")
+        messages, prompt = None, _parse_prompt(body["prompt"])
+        # The legacy endpoint's ``logprobs`` is the number of alternatives to list.
+        top_logprobs = f.integer("logprobs", None, low=0, high=MAX_TOP_LOGPROBS)
+        logprobs = top_logprobs is not None
+        top_logprobs = top_logprobs or 0
+
+    return GenerationRequest(
+        kind=kind,
+        model_id=model_id,
+        messages=messages,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        temperature=f.number("temperature", defaults.temperature, low=0),
+        top_p=f.number("top_p", defaults.top_p, low=0, high=1),
+        top_k=f.integer("top_k", defaults.top_k, low=0),
+        min_p=f.number("min_p", defaults.min_p, low=0, high=1),
+        repetition_penalty=f.number("repetition_penalty", None, positive=True),
+        repetition_context_size=f.integer("repetition_context_size", 20, low=1),
+        logit_bias=_parse_logit_bias(f.mapping("logit_bias")),
+        seed=f.integer("seed", None, low=0, high=2**64 - 1),
+        stop=_parse_stop(body.get("stop")),
+        stream=f.boolean("stream"),
+        include_usage=include_usage,
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+        kv_config=request_kv_config(defaults.kv_config, body),
+    )
+
+
+# ---------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------
+
+
+class ServedModels:
+    """The models a server answers for: its own, plus ``allowed`` ones loaded on
+    first use (at most one of those is kept in memory at a time).
+
+    A request can only name these ids (or ``"default_model"``); nothing else is ever
+    loaded, so a request cannot make the server read an arbitrary path.
+    """
+
+    def __init__(self, default_id: str, allowed: List[str], loader: Callable):
+        self.default_id = default_id
+        self.ids = [default_id] + [m for m in dict.fromkeys(allowed) if m != default_id]
+        self._loader = loader
+        self._loaded = {}
+
+    def resolve(self, name: Optional[str]) -> str:
+        if name is None or name == DEFAULT_MODEL_ALIAS:
+            return self.default_id
+        if name in self.ids:
+            return name
+        raise APIError(
+            404,
+            f"The model {name!r} is not served here; available: {self.ids}",
+            param="model",
+            code="model_not_found",
+        )
+
+    def get(self, model_id: str):
+        """``(model, tokenizer)``, loading it if needed (worker thread only)."""
+        if model_id not in self._loaded:
+            for other in list(self._loaded):
+                if other != self.default_id:
+                    del self._loaded[other]
+            mx.clear_cache()
+            self._loaded[model_id] = self._loader(model_id)
+        return self._loaded[model_id]
+
+
+# ---------------------------------------------------------------------------
+# Generation (the worker thread)
+# ---------------------------------------------------------------------------
+
+
+class StopScanner:
+    """Releases generated text except what could still turn into a stop sequence.
+
+    ``push`` returns the text that is safe to send; once a stop sequence shows up,
+    ``hit`` is set and the text before it is the last thing returned.
+    """
+
+    def __init__(self, stops: List[str]):
+        self.stops = stops
+        self.pending = ""
+        self.hit = False
+
+    def push(self, text: str) -> str:
+        self.pending += text
+        found = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if found:
+            self.hit = True
+            out, self.pending = self.pending[: min(found)], ""
+            return out
+        cut = len(self.pending) - self._partial_match()
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out
+
+    def _partial_match(self) -> int:
+        """Length of the longest tail of ``pending`` that begins a stop sequence."""
+        longest = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(self.pending)), longest, -1):
+                if self.pending.endswith(s[:n]):
+                    longest = n
+                    break
+        return longest
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+class _Cancelled(Exception):
+    pass
+
+
+class Job:
+    """One queued request: the worker reports to ``events``; ``cancel()`` stops it."""
+
+    def __init__(self, request: GenerationRequest, peer_closed=lambda: False):
+        self.request = request
+        self.events = queue.Queue()
+        self.peer_closed = peer_closed
+        self._cancelled = threading.Event()
+
+    def cancel(self):
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def emit(self, kind: str, payload=None):
+        self.events.put((kind, payload))
+
+
+@dataclass
+class _Reusable:
+    """The cache left by the last request and the tokens it holds."""
+
+    model_id: str
+    config: KVCacheConfig
+    tokens: List[int]
+    cache: List[Any]
+
+
+def common_prefix_length(a, b) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def has_evicted(cache) -> bool:
+    return any(c.offset != c.size() for c in cache)
+
+
+def reuse_cache(previous: Optional[_Reusable], model_id, config, prompt):
+    """``(cache, n_cached)`` taken from ``previous`` for ``prompt``, or ``(None, 0)``.
+
+    Only an exact match is reused: the same model and cache options, and the cached
+    tokens must be a prefix of the prompt. A cache that never evicted is trimmed back
+    to the common prefix; one that evicted is only reused when the prompt extends its
+    whole history, since what it dropped cannot be told apart any more. At least one
+    prompt token is always left to feed.
+    """
+    if previous is None or previous.model_id != model_id or previous.config != config:
+        return None, 0
+    history, cache = previous.tokens, previous.cache
+    common = min(common_prefix_length(history, prompt), len(prompt) - 1)
+    if common == len(history):
+        return cache, common
+    if common == 0 or has_evicted(cache) or not can_trim_prompt_cache(cache):
+        return None, 0
+    drop = len(history) - common
+    if trim_prompt_cache(cache, drop) != drop:
+        return None, 0
+    return cache, common
+
+
+def cache_report(config: KVCacheConfig, cache) -> dict:
+    """The ``kv_cache`` object of a response: the options in effect, then
+    ``tokens_evicted``, ``evictions`` and ``tokens_held`` summed over layers (as
+    :func:`~mlx_lm.models.cache.cache_eviction_stats` counts them, over the whole
+    life of the cache, so a reused cache includes earlier turns) and ``kv_bytes``,
+    the bytes of keys and values held by all layers."""
+    stats = cache_eviction_stats(cache)
+    report = asdict(config)
+    report["tokens_evicted"] = stats["tokens_evicted"]
+    report["evictions"] = stats["total_evictions"]
+    report["tokens_held"] = stats["current_size"]
+    report["kv_bytes"] = sum(c.nbytes for c in cache)
+    return report
+
+
+def _with_history(processor, head):
+    """Let a logits processor see the reused prompt tokens too."""
+
+    def run(tokens, logits):
+        return processor(mx.concatenate([head, tokens.astype(head.dtype)]), logits)
+
+    return run
+
+
+def encode_prompt(request: GenerationRequest, tokenizer) -> List[int]:
+    """The prompt token ids of ``request``; ``ValueError`` when it cannot be built."""
+    if request.kind == "chat":
+        if tokenizer.has_chat_template:
+            try:
+                text = tokenizer.apply_chat_template(
+                    request.messages, tokenize=False, add_generation_prompt=True
+                )
+            except Exception as e:
+                raise ValueError(f"the chat template rejected the messages: {e}")
+            ids = tokenizer.encode(text, add_special_tokens=False)
+        else:
+            lines = [f"{m['role']}: {m['content']}" for m in request.messages]
+            ids = tokenizer.encode("\n".join(lines) + "\nassistant:")
+    elif isinstance(request.prompt, str):
+        bos = getattr(tokenizer, "bos_token", None)
+        with_bos = bos is None or not request.prompt.startswith(bos)
+        ids = tokenizer.encode(request.prompt, add_special_tokens=with_bos)
+    else:
+        ids = request.prompt
+        if max(ids) >= len(tokenizer):
+            raise ValueError(f"prompt token id {max(ids)} is outside the vocabulary")
+    if not ids:
+        raise ValueError("the prompt encodes to no tokens")
+    return list(ids)
+
+
+def _logprob_entry(tokenizer, token, logprobs, top_k):
+    entry = {"token": tokenizer.decode([token]), "logprob": logprobs[token].item()}
+    top = []
+    if top_k:
+        k = min(top_k, logprobs.shape[-1])
+        ids = mx.argpartition(-logprobs, kth=k - 1)[:k]
+        pairs = zip(ids.tolist(), logprobs[ids].tolist())
+        top = [
+            (tokenizer.decode([i]), v) for i, v in sorted(pairs, key=lambda p: -p[1])
+        ]
+    entry["top"] = top
+    return entry
+
+
+class GenerationWorker:
+    """Runs queued :class:`Job` s one at a time on its own thread.
+
+    Events sent to a job: ``("start", {"prompt_tokens", "cached_tokens"})`` once the
+    prompt is accepted, then ``("delta", {"text", "logprobs"})`` pieces, then
+    ``("done", {...})``; or ``("error", APIError)`` at any point.
+    """
+
+    def __init__(self, models: ServedModels, prefill_step_size: int = 2048):
+        self.models = models
+        self.prefill_step_size = prefill_step_size
+        self.counts = {"completed": 0, "cancelled": 0, "skipped": 0, "failed": 0}
+        self._jobs = queue.Queue()
+        self._current = None
+        self._reusable = None
+        self._thread = threading.Thread(
+            target=self._loop, name="mlx-generation", daemon=True
+        )
+
+    def start(self):
+        self._thread.start()
+
+    def submit(self, job: Job):
+        self._jobs.put(job)
+
+    def pending(self) -> int:
+        return self._jobs.qsize()
+
+    def stop(self):
+        """Cancel the job in progress, fail the queued ones, and end the thread."""
+        self._jobs.put(None)
+        current = self._current
+        if current is not None:
+            current.cancel()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _loop(self):
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                break
+            if job.cancelled or job.peer_closed():
+                self.counts["skipped"] += 1
+                continue
+            self._current = job
+            outcome = self._attempt(job)
+            self._current = None
+            self.counts[outcome] += 1
+            if outcome != "completed":
+                # Whatever the failed request held is unreachable by now.
+                self._reusable = None
+                mx.clear_cache()
+        while not self._jobs.empty():
+            job = self._jobs.get()
+            if job is not None:
+                job.emit("error", APIError(503, "the server is shutting down"))
+
+    def _attempt(self, job: Job) -> str:
+        try:
+            self._run(job)
+            return "completed"
+        except _Cancelled:
+            # Read only when the server, not the client, stopped the job.
+            job.emit("error", APIError(503, "the request was cancelled"))
+            return "cancelled"
+        except APIError as e:
+            job.emit("error", e)
+        except ValueError as e:
+            job.emit("error", APIError(400, str(e)))
+        except Exception as e:
+            traceback.print_exc(file=sys.stderr)
+            job.emit("error", APIError(500, f"generation failed: {e}"))
+        return "failed"
+
+    def _run(self, job: Job):
+        request = job.request
+        model, tokenizer = self.models.get(request.model_id)
+        prompt = encode_prompt(request, tokenizer)
+        if request.logit_bias and max(request.logit_bias) >= len(tokenizer):
+            raise APIError(400, "logit_bias names a token outside the vocabulary")
+        sampler = make_sampler(
+            request.temperature, request.top_p, request.min_p, top_k=request.top_k
+        )
+        processors = make_logits_processors(
+            request.logit_bias,
+            request.repetition_penalty,
+            request.repetition_context_size,
+        )
+
+        previous, self._reusable = self._reusable, None
+        cache, cached = reuse_cache(
+            previous, request.model_id, request.kv_config, prompt
+        )
+        del previous
+        if cache is None:
+            mx.clear_cache()
+            cache = make_prompt_cache(model, config=request.kv_config)
+        if processors and cached:
+            head = mx.array(
+                prompt[max(0, cached - request.repetition_context_size) : cached]
+            )
+            processors = [_with_history(p, head) for p in processors]
+        if request.seed is not None:
+            mx.random.seed(request.seed)
+        job.emit("start", {"prompt_tokens": len(prompt), "cached_tokens": cached})
+
+        def check_cancel(*_):
+            if job.cancelled:
+                raise _Cancelled()
+
+        steps = stream_generate(
+            model,
+            tokenizer,
+            mx.array(prompt[cached:]),
+            max_tokens=request.max_tokens,
+            sampler=sampler,
+            logits_processors=processors,
+            prompt_cache=cache,
+            kv_config=request.kv_config,
+            prefill_step_size=self.prefill_step_size,
+            prompt_progress_callback=check_cancel,
+        )
+        scanner = StopScanner(request.stop)
+        generated = []
+        produced_chars = sent_chars = 0
+        held = []  # logprob entries whose text has not been sent yet
+        finish = "length"
+        try:
+            for response in steps:
+                check_cancel()
+                generated.append(response.token)
+                eos = response.token in tokenizer.eos_token_ids
+                if request.logprobs and not eos:
+                    entry = _logprob_entry(
+                        tokenizer,
+                        response.token,
+                        response.logprobs,
+                        request.top_logprobs,
+                    )
+                    entry["offset"] = produced_chars
+                    held.append(entry)
+                produced_chars += len(response.text)
+                piece = scanner.push(response.text)
+                sent_chars += len(piece)
+                ready = [e for e in held if e["offset"] < sent_chars]
+                held = held[len(ready) :]
+                if piece or ready:
+                    job.emit("delta", {"text": piece, "logprobs": ready})
+                if eos or scanner.hit:
+                    finish = "stop"
+                    break
+        finally:
+            steps.close()
+        if not scanner.hit:
+            tail = scanner.flush()
+            if tail or held:
+                job.emit("delta", {"text": tail, "logprobs": held})
+
+        report = cache_report(request.kv_config, cache)
+        offsets = {c.offset for c in cache}
+        if len(offsets) == 1:
+            history = (prompt + generated)[: offsets.pop()]
+            mx.eval([c.state for c in cache])
+            self._reusable = _Reusable(
+                request.model_id, request.kv_config, history, cache
+            )
+        job.emit(
+            "done",
+            {
+                "finish_reason": finish,
+                "prompt_tokens": len(prompt),
+                "completion_tokens": len(generated),
+                "cached_tokens": cached,
+                "kv_cache": report,
+            },
+        )
+
+
+# ---------------------------------------------------------------------------
+# Response bodies
+# ---------------------------------------------------------------------------
+
+
+def _usage(done: dict) -> dict:
+    return {
+        "prompt_tokens": done["prompt_tokens"],
+        "completion_tokens": done["completion_tokens"],
+        "total_tokens": done["prompt_tokens"] + done["completion_tokens"],
+        "prompt_tokens_details": {"cached_tokens": done["cached_tokens"]},
+    }
+
+
+def _chat_logprobs(entries) -> dict:
+    def one(token, value):
+        return {"token": token, "logprob": value, "bytes": list(token.encode())}
+
+    return {
+        "content": [
+            dict(
+                one(e["token"], e["logprob"]),
+                top_logprobs=[one(t, v) for t, v in e["top"]],
+            )
+            for e in entries
+        ]
+    }
+
+
+def _text_logprobs(entries) -> dict:
+    return {
+        "tokens": [e["token"] for e in entries],
+        "token_logprobs": [e["logprob"] for e in entries],
+        "top_logprobs": [dict(e["top"]) for e in entries],
+        "text_offset": [e["offset"] for e in entries],
+    }
+
+
+class _Reply:
+    """Builds the JSON objects of one response, whole or streamed."""
+
+    def __init__(self, request: GenerationRequest):
+        self.request = request
+        self.chat = request.kind == "chat"
+        prefix = "chatcmpl" if self.chat else "cmpl"
+        self.id = f"{prefix}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+
+    def _envelope(self, obj, choices):
+        return {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.request.model_id,
+            "choices": choices,
+        }
+
+    def _logprobs(self, entries):
+        if not self.request.logprobs:
+            return None
+        return _chat_logprobs(entries) if self.chat else _text_logprobs(entries)
+
+    def whole(self, text, entries, done) -> dict:
+        choice = {
+            "index": 0,
+            "finish_reason": done["finish_reason"],
+            "logprobs": self._logprobs(entries),
+        }
+        if self.chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        body = self._envelope(
+            "chat.completion" if self.chat else "text_completion", [choice]
+        )
+        body["usage"] = _usage(done)
+        body["kv_cache"] = done["kv_cache"]
+        return body
+
+    def chunk(self, text=None, entries=(), finish_reason=None, first=False) -> dict:
+        choice = {"index": 0, "finish_reason": finish_reason}
+        if entries:
+            choice["logprobs"] = self._logprobs(entries)
+        if self.chat:
+            delta = {"role": "assistant"} if first else {}
+            if text is not None:
+                delta["content"] = text
+            choice["delta"] = delta
+        else:
+            choice["text"] = text or ""
+        obj = "chat.completion.chunk" if self.chat else "text_completion"
+        return self._envelope(obj, [choice])
+
+    def usage_chunk(self, done) -> dict:
+        obj = "chat.completion.chunk" if self.chat else "text_completion"
+        body = self._envelope(obj, [])
+        body["usage"] = _usage(done)
+        return body
+
+
+# ---------------------------------------------------------------------------
+# HTTP
+# ---------------------------------------------------------------------------
+
+
+class _ClientGone(Exception):
+    pass
+
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+class APIHandler(BaseHTTPRequestHandler):
+    """Routes requests to the worker and relays its events; errors become JSON."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "mlx-lm"
+    # Seconds a silent client may hold its connection (reading or being written to).
+    timeout = 120
+    poll_seconds = 0.2
+
+    routes = {
+        ("GET", "/v1/models"): "_models",
+        ("GET", "/health"): "_health",
+        ("POST", "/v1/chat/completions"): "_chat",
+        ("POST", "/v1/completions"): "_text",
+    }
+
+    # -- plumbing ---------------------------------------------------------
+
+    def log_message(self, format, *args):
+        if self.server.log_requests:
+            super().log_message(format, *args)
+
+    def _send_json(self, status, payload, close=False):
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        if close:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        self.wfile.write(data)
+        self.wfile.flush()
+
+    def _send_api_error(self, error: APIError, close=False):
+        self._send_json(error.status, error.body(), close=close)
+
+    def send_error(self, code, message=None, explain=None):
+        # http.server's own refusals (bad request line, oversized headers, unknown
+        # method) get the same JSON body as ours; an unknown method is a 405.
+        if code == HTTPStatus.NOT_IMPLEMENTED:
+            code, message = HTTPStatus.METHOD_NOT_ALLOWED, None
+        try:
+            error = APIError(code, message or HTTPStatus(code).phrase)
+            self._send_api_error(error, close=True)
+        except OSError:
+            self.close_connection = True
+
+    def _peer_closed(self) -> bool:
+        """Whether the client has closed its side of the connection."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
+    def handle_expect_100(self):
+        # Refuse an announced oversized body before the client sends it.
+        length = self.headers.get("Content-Length", "")
+        if length.isdigit() and int(length) > self.server.max_request_bytes:
+            self._refuse_body(int(length))
+            return False
+        return super().handle_expect_100()
+
+    def _refuse_body(self, length):
+        """Answer 413, then read and drop what the client still sends (for a few
+        seconds at most) so that closing the socket does not destroy the reply."""
+        self._send_api_error(
+            APIError(
+                413,
+                f"the request body has {length} bytes; this server accepts at most "
+                f"{self.server.max_request_bytes}",
+                code="request_too_large",
+            ),
+            close=True,
+        )
+        deadline = time.monotonic() + 5
+        try:
+            while length > 0 and time.monotonic() < deadline:
+                self.connection.settimeout(max(deadline - time.monotonic(), 0.01))
+                chunk = self.connection.recv(min(length, 1 << 16))
+                if not chunk:
+                    break
+                length -= len(chunk)
+        except OSError:
+            pass
+
+    def _read_body(self) -> dict:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            raise APIError(411, "send the body with a Content-Length header")
+        length = self.headers.get("Content-Length")
+        if length is None:
+            raise APIError(411, "a Content-Length header is required")
+        if not length.strip().isdigit():
+            raise APIError(400, f"invalid Content-Length: {length!r}")
+        length = int(length)
+        if length > self.server.max_request_bytes:
+            self._refuse_body(length)
+            raise _ClientGone()
+        data = self.rfile.read(length)
+        if len(data) < length:
+            raise _ClientGone()
+        try:
+            return json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+        except (UnicodeDecodeError, ValueError) as e:
+            raise APIError(
+                400, f"the request body is not valid JSON: {e}", code="invalid_json"
+            )
+
+    def _dispatch(self, method):
+        self._started = False
+        path = self.path.split("?", 1)[0].rstrip("/") or "/"
+        if path in ("/models", "/chat/completions", "/completions"):
+            path = "/v1" + path
+        name = self.routes.get((method, path))
+        try:
+            if name is None:
+                allowed = [m for m, p in self.routes if p == path]
+                if allowed:
+                    raise APIError(
+                        405, f"{method} is not allowed on {path}; use {allowed[0]}"
+                    )
+                raise APIError(404, f"no route for {method} {path}", code="unknown_url")
+            getattr(self, name)()
+        except APIError as e:
+            self._fail(e)
+        except (_ClientGone, ConnectionError, TimeoutError):
+            self.close_connection = True
+        except Exception:
+            traceback.print_exc(file=sys.stderr)
+            self._fail(APIError(500, "internal server error"))
+
+    def _fail(self, error: APIError):
+        # The connection is closed after any error: the body may be unread.
+        self.close_connection = True
+        if not self._started:
+            try:
+                self._send_api_error(error, close=True)
+            except OSError:
+                pass
+
+    def do_GET(self):
+        self._dispatch("GET")
+
+    def do_POST(self):
+        self._dispatch("POST")
+
+    def do_PUT(self):
+        self._dispatch("PUT")
+
+    do_DELETE = do_PATCH = do_OPTIONS = do_PUT
+
+    # -- endpoints --------------------------------------------------------
+
+    def _models(self):
+        created = self.server.created
+        data = [
+            {"id": m, "object": "model", "created": created, "owned_by": "mlx-lm"}
+            for m in self.server.models.ids
+        ]
+        self._send_json(200, {"object": "list", "data": data})
+
+    def _health(self):
+        worker = self.server.worker
+        self._send_json(
+            200,
+            {
+                "status": "ok",
+                "model": self.server.models.default_id,
+                "queued": worker.pending(),
+                "requests": dict(worker.counts),
+            },
+        )
+
+    def _chat(self):
+        self._complete("chat")
+
+    def _text(self):
+        self._complete("text")
+
+    def _complete(self, kind):
+        body = self._read_body()
+        request = parse_request(body, kind, self.server.defaults, self.server.models)
+        job = Job(request, peer_closed=self._peer_closed)
+        self.server.worker.submit(job)
+        try:
+            if request.stream:
+                self._stream(job)
+            else:
+                self._collect(job)
+        except (_ClientGone, ConnectionError, TimeoutError):
+            job.cancel()
+            raise
+
+    def _next_event(self, job):
+        while True:
+            try:
+                return job.events.get(timeout=self.poll_seconds)
+            except queue.Empty:
+                if self._peer_closed():
+                    raise _ClientGone()
+
+    def _collect(self, job):
+        reply = _Reply(job.request)
+        pieces, entries = [], []
+        while True:
+            kind, payload = self._next_event(job)
+            if kind == "error":
+                raise payload
+            if kind == "delta":
+                pieces.append(payload["text"])
+                entries.extend(payload["logprobs"])
+            elif kind == "done":
+                self._send_json(200, reply.whole("".join(pieces), entries, payload))
+                return
+
+    def _send_event(self, data):
+        if self._peer_closed():
+            raise _ClientGone()
+        text = data if isinstance(data, str) else json.dumps(data)
+        self.wfile.write(f"data: {text}\n\n".encode())
+        self.wfile.flush()
+
+    def _stream(self, job):
+        reply = _Reply(job.request)
+        kind, payload = self._next_event(job)
+        if kind == "error":
+            raise payload
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        self._started = True
+        self._send_event(reply.chunk(text="", first=True))
+        while True:
+            kind, payload = self._next_event(job)
+            if kind == "error":
+                self._send_event(payload.body())
+                return
+            if kind == "delta":
+                self._send_event(reply.chunk(payload["text"], payload["logprobs"]))
+            elif kind == "done":
+                final = reply.chunk(finish_reason=payload["finish_reason"])
+                final["kv_cache"] = payload["kv_cache"]
+                self._send_event(final)
+                if job.request.include_usage:
+                    self._send_event(reply.usage_chunk(payload))
+                self._send_event("[DONE]")
+                return
+
+
+class APIServer(ThreadingHTTPServer):
+    """The HTTP server plus the worker that generates for it.
+
+    Run ``serve_forever()`` (from any thread); ``shutdown()`` stops it and
+    ``close()`` then releases the socket and the worker.
+    """
+
+    daemon_threads = True
+
+    def __init__(
+        self,
+        address,
+        models: ServedModels,
+        defaults: ServerDefaults,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        log_requests: bool = False,
+        prefill_step_size: int = 2048,
+    ):
+        super().__init__(address, APIHandler)
+        self.models = models
+        self.defaults = defaults
+        self.max_request_bytes = max_request_bytes
+        self.log_requests = log_requests
+        self.created = int(time.time())
+        self.worker = GenerationWorker(models, prefill_step_size=prefill_step_size)
+        self.worker.start()
+
+    def close(self):
+        self.server_close()
+        self.worker.stop()
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+
+def _int_at_least(low, high=None):
+    def parse(text):
+        value = int(text)
+        if value < low or (high is not None and value > high):
+            bounds = f"[{low}, {high}]" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {value}")
+        return value
+
+    return parse
+
+
+def _float_within(low, high=None):
+    def parse(text):
+        value = float(text)
+        if not (value >= low and (high is None or value <= high)):
+            bounds = f"[{low}, {high}]" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {value}")
+        return value
+
+    return parse
+
+
+def setup_arg_parser():
+    p = argparse.ArgumentParser(
+        description="OpenAI-compatible HTTP server for an MLX language model."
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="Local folder or Hugging Face repo (default: the bundled demo model)",
+    )
+    p.add_argument(
+        "--allowed-models",
+        nargs="*",
+        default=[],
+        help="Further models a request may name; each is loaded on first use",
+    )
+    p.add_argument(
+        "--host",
+        default=DEFAULT_HOST,
+        help="Address to bind (default: loopback only)",
+    )
+    p.add_argument("--port", type=_int_at_least(0, 65535), default=DEFAULT_PORT)
+    p.add_argument(
+        "--max-tokens",
+        type=_int_at_least(1),
+        default=DEFAULT_MAX_TOKENS,
+        help="Tokens to generate when a request does not say",
+    )
+    p.add_argument("--temp", type=_float_within(0.0), default=DEFAULT_TEMP)
+    p.add_argument("--top-p", type=_float_within(0.0, 1.0), default=DEFAULT_TOP_P)
+    p.add_argument("--top-k", type=_int_at_least(0), default=DEFAULT_TOP_K)
+    p.add_argument("--min-p", type=_float_within(0.0, 1.0), default=DEFAULT_MIN_P)
+    p.add_argument(
+        "--max-request-bytes",
+        type=_int_at_least(1),
+        default=DEFAULT_MAX_REQUEST_BYTES,
+        help="Larger request bodies are refused with 413",
+    )
+    p.add_argument("--prefill-step-size", type=_int_at_least(1), default=2048)
+    p.add_argument(
+        "--log-requests", action="store_true", help="Log every request to stderr"
+    )
+    add_kv_cache_arguments(p)
+    return p
+
+
+def build_server(args: argparse.Namespace) -> APIServer:
+    """Load the model named by ``args`` and bind the server (not yet serving).
+
+    ``ValueError`` when a memory option is invalid.
+    """
+    from .utils import load, resolve_model_argument
+
+    kv_config = kv_config_from_args(args)
+    model_id = resolve_model_argument(args.model)
+    models = ServedModels(model_id, args.allowed_models, load)
+    models.get(model_id)
+    defaults = ServerDefaults(
+        max_tokens=args.max_tokens,
+        temperature=args.temp,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        kv_config=kv_config,
+    )
+    return APIServer(
+        (args.host, args.port),
+        models,
+        defaults,
+        args.max_request_bytes,
+        log_requests=args.log_requests,
+        prefill_step_size=args.prefill_step_size,
+    )
+
+
+def main(argv=None):
+    parser = setup_arg_parser()
+    args = parser.parse_args(argv)
+    try:
+        kv_config_from_args(args)
+    except ValueError as e:
+        parser.error(str(e))
+    if args.host not in ("127.0.0.1", "localhost"):
+        print(
+            f"Warning: binding {args.host} exposes the server beyond this machine; "
+            "it has no authentication.",
+            file=sys.stderr,
+        )
+    server = build_server(args)
+    host, port = server.server_address[:2]
+    print(
+        f"Serving {server.models.default_id} on http://{host}:{port}/v1 "
+        "(one generation at a time; Ctrl-C to stop)",
+        file=sys.stderr,
+    )
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+
+
+if __name__ == "__main__":
+    main()
