@@ -1506,7 +1506,9 @@ class CompressedKVCache(_BaseCache):
 
     @meta_state.setter
     def meta_state(self, v):
-        budget, keep_recent, policy, scope, sink, margin, floor, compactions, offset = v[:9]
+        budget, keep_recent, policy, scope, sink, margin, floor, compactions, offset = (
+            v[:9]
+        )
         self.budget, self.keep_recent = int(budget), int(keep_recent)
         self.policy, self.scope = policy, scope
         self.sink_tokens, self.margin = int(sink), int(margin)
@@ -1879,8 +1881,13 @@ def select_kept(
         )
     pos = mx.arange(T)
     protected = (pos < protect_first) | (pos >= T - protect_last)
-    scores = mx.where(protected, mx.array(mx.inf, scores.dtype), scores)
-    top = mx.argpartition(-scores, kth=n_keep - 1, axis=-1)[..., :n_keep]
+    # Scores equal to 1e-4 are ties (RoPE keeps norms, so a repeated token's keys
+    # score alike up to rounding); a tie goes to the newer position, so that runs
+    # whose arithmetic differs in the last bits (batched or not) keep the same tokens.
+    grid = mx.round(mx.clip(scores.astype(mx.float32), -1e9, 1e9) * 1e4)
+    rank = grid.astype(mx.int64) * (T + 1) + pos.astype(mx.int64)
+    rank = mx.where(protected, mx.array(2**62, mx.int64), rank)
+    top = mx.argpartition(-rank, kth=n_keep - 1, axis=-1)[..., :n_keep]
     return mx.sort(top, axis=-1)
 
 
