@@ -42,12 +42,12 @@ class GenerationResponse:
 
     text: str
     token: int
-    logprobs: mx.array
     from_draft: bool
-    prompt_tokens: int
-    prompt_tps: float
+    logprobs: mx.array
     generation_tokens: int
     generation_tps: float
+    prompt_tokens: int
+    prompt_tps: float
     peak_memory: float
     finish_reason: Optional[str] = None
 
