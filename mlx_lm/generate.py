@@ -60,12 +60,13 @@ def maybe_quantize_kv_cache(prompt_cache, quantized_kv_start, kv_group_size, kv_
         if hasattr(layer, "to_quantized") and layer.offset >= quantized_kv_start:
             keys = getattr(layer, "keys", None)
             head_dim = keys.shape[-1] if isinstance(keys, mx.array) else None
-            if head_dim is not None and head_dim % kv_group_size:
+            group = kv_group_size or kv.default_kv_group_size(head_dim)
+            if head_dim is not None and head_dim % group:
                 raise ValueError(
-                    f"layer {i}: kv_group_size {kv_group_size} does not divide the "
+                    f"layer {i}: kv_group_size {group} does not divide the "
                     f"head dimension {head_dim}"
                 )
-            prompt_cache[i] = layer.to_quantized(group_size=kv_group_size, bits=kv_bits)
+            prompt_cache[i] = layer.to_quantized(group_size=group, bits=kv_bits)
 
 
 def maybe_compact_kv_cache(prompt_cache, config: Optional[kv.KVCacheConfig] = None):
@@ -567,7 +568,12 @@ def _batch_cache(model, config: kv.KVCacheConfig, padding: List[int]) -> List[An
             continue
         layer = kv.CompressedKVCache.from_config(config, left_padding=padding)
         if config.kv_bits is not None:
-            layer = layer.to_quantized(config.kv_group_size, config.kv_bits)
+            args = model.args
+            head_dim = getattr(args, "head_dim", None) or (
+                args.hidden_size // args.num_attention_heads
+            )
+            group = config.kv_group_size or kv.default_kv_group_size(head_dim)
+            layer = layer.to_quantized(group, config.kv_bits)
         layers.append(layer)
     return layers
 
@@ -617,9 +623,7 @@ def batch_generate(
     if config.kv_bits is not None and config.quantized_kv_start > 0:
         unsupported.append(f"quantized_kv_start={config.quantized_kv_start}")
     if unsupported:
-        raise ValueError(
-            f"batch_generate does not support {', '.join(unsupported)}"
-        )
+        raise ValueError(f"batch_generate does not support {', '.join(unsupported)}")
     sampler = sampler or _greedy
     longest = max(len(p) for p in prompts)
     padding = [longest - len(p) for p in prompts]
@@ -777,7 +781,12 @@ def add_kv_cache_arguments(p: argparse.ArgumentParser):
         help="Keep the first 4 and the most recent tokens, at most this many per layer",
     )
     g.add_argument("--kv-bits", type=int, help=f"Quantize the KV cache {kv.KV_BITS}")
-    g.add_argument("--kv-group-size", type=int, default=defaults.kv_group_size)
+    g.add_argument(
+        "--kv-group-size",
+        type=int,
+        default=defaults.kv_group_size,
+        help="Quantization group size (default: 64, or 32 for heads narrower than 64)",
+    )
     g.add_argument(
         "--quantized-kv-start",
         type=int,
@@ -992,7 +1001,7 @@ def main(argv=None):
                 parser.error(
                     f"--kv-bits {args.kv_bits} differs from the cache file's {first.bits}"
                 )
-            if args.kv_group_size != first.group_size:
+            if args.kv_group_size not in (None, first.group_size):
                 parser.error(
                     f"--kv-group-size {args.kv_group_size} differs from the cache "
                     f"file's {first.group_size}"

@@ -85,7 +85,7 @@ class TestSelection(unittest.TestCase):
 
     def test_sink_tokens_are_kept(self):
         norms = [[[9, 9, 1, 8, 2, 7, 3, 6, 5, 5]] * H]
-        cache = CompressedKVCache(5, keep_recent=1, sink_tokens=2)
+        cache = CompressedKVCache(5, keep_recent=1, policy="l2-low", sink_tokens=2)
         filled(cache, keys_with_norms(norms))
         cache.compact()
         self.assertEqual(kept_ids(cache), [0, 1, 2, 4, 9])
@@ -106,7 +106,7 @@ class TestSelection(unittest.TestCase):
     def test_layer_scope_ranks_by_mean_over_heads(self):
         # Head 0 prefers token 0, head 1 prefers token 1; token 2 is second for both.
         norms = [[[1, 9, 3, 9, 9], [9, 1, 3, 9, 9]]]
-        cache = CompressedKVCache(2, keep_recent=1, scope="layer")
+        cache = CompressedKVCache(2, keep_recent=1, policy="l2-low", scope="layer")
         filled(cache, keys_with_norms(norms))
         cache.compact()
         self.assertEqual(kept_ids(cache, head=0), [2, 4])
@@ -114,7 +114,7 @@ class TestSelection(unittest.TestCase):
 
     def test_head_scope_with_gqa_keeps_tokens_per_head(self):
         norms = [[[1, 9, 3, 9, 9], [9, 1, 3, 9, 9]]]
-        cache = CompressedKVCache(2, keep_recent=1, scope="head")
+        cache = CompressedKVCache(2, keep_recent=1, policy="l2-low", scope="head")
         filled(cache, keys_with_norms(norms))
         cache.compact()
         self.assertEqual(kept_ids(cache, head=0), [0, 4])
@@ -142,7 +142,9 @@ class TestSelection(unittest.TestCase):
         # Layer 0 alone would keep token 0, layer 1 token 1; their mean picks 2.
         layers = []
         for norms in ([[[1, 9, 3, 9, 9]] * H], [[[9, 1, 3, 9, 9]] * H]):
-            layer = CompressedKVCache(2, keep_recent=1, scope="model", margin=1)
+            layer = CompressedKVCache(
+                2, keep_recent=1, policy="l2-low", scope="model", margin=1
+            )
             layers.append(filled(layer, keys_with_norms(norms)))
         self.assertEqual(compact_prompt_cache(layers), 2)
         self.assertEqual([kept_ids(c) for c in layers], [[2, 4], [2, 4]])
@@ -340,9 +342,15 @@ class TestHysteresisAndMemory(unittest.TestCase):
     def test_kept_scores_match_a_full_rescoring(self):
         # l2 scores depend on a token's own key: after a compaction only the
         # tokens added since are scored, the kept ones reuse their scores.
-        for scope in ("layer", "head", "model"):
+        for policy, scope in (
+            ("l2-low", "layer"),
+            ("l2-high", "head"),
+            ("l2-high", "model"),
+        ):
             layers = [
-                CompressedKVCache(16, keep_recent=2, scope=scope, margin=4)
+                CompressedKVCache(
+                    16, keep_recent=2, policy=policy, scope=scope, margin=4
+                )
                 for _ in range(2)
             ]
             checked = 0
@@ -352,7 +360,7 @@ class TestHysteresisAndMemory(unittest.TestCase):
                     layer.update_and_fetch(k, k)
                 if layers[0].size() > 20:
                     for layer in layers:
-                        want = KEY_SCORERS["l2-low"](layer.state[0])
+                        want = KEY_SCORERS[policy](layer.state[0])
                         if layer.compactions:
                             self.assertEqual(layer._kept_scores.shape[-1], 16)
                             got = layer.head_scores()

@@ -111,6 +111,30 @@ class TestGenerateStep(unittest.TestCase):
             out[:2], [t for t, _ in generate_step(prompt, model, max_tokens=2)]
         )
 
+    def test_kv_group_size_defaults_to_what_the_heads_allow(self):
+        # 64 does not divide head_dim 32: left unset, the group falls back to 32;
+        # asked for explicitly, 64 is an error that names it.
+        model, _ = tiny_model(seed=1, hidden_size=128)
+        prompt = mx.array(self.prompt)
+        cache = make_prompt_cache(model)
+        for _ in generate_step(
+            prompt, model, max_tokens=2, prompt_cache=cache, kv_bits=8
+        ):
+            pass
+        self.assertEqual({c.group_size for c in cache}, {32})
+        wide, _ = tiny_model(seed=1, hidden_size=256)
+        cache = make_prompt_cache(wide)
+        for _ in generate_step(
+            prompt, wide, max_tokens=2, prompt_cache=cache, kv_bits=8
+        ):
+            pass
+        self.assertEqual({c.group_size for c in cache}, {64})
+        with self.assertRaisesRegex(ValueError, "kv_group_size 64 does not divide"):
+            for _ in generate_step(
+                prompt, model, max_tokens=2, kv_bits=8, kv_group_size=64
+            ):
+                pass
+
     def test_quantized_kv_start_delays_quantization(self):
         cache = make_prompt_cache(self.model)
         self.greedy(n=2, prompt_cache=cache, kv_bits=4, quantized_kv_start=10_000)

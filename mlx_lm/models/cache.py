@@ -1208,7 +1208,9 @@ class CompressedKVCache(_BaseCache):
     highest under ``policy`` (a name in ``KEY_SCORERS``). ``scope`` says what
     shares one choice of tokens: ``"head"`` lets each KV head keep its own,
     ``"layer"`` ranks by the mean score over heads, ``"model"`` lets
-    :func:`compact_prompt_cache` also average over all such layers.
+    :func:`compact_prompt_cache` also average over all such layers. The
+    defaults (``"l2-high"``, ``"head"``) are those that stayed closest to the
+    full cache on the demo model; KnormPress's own direction is ``"l2-low"``.
 
     ``offset`` is the absolute position of the next token (RoPE uses it and
     eviction never lowers it); ``size()`` is the number of slots in use (what
@@ -1230,8 +1232,8 @@ class CompressedKVCache(_BaseCache):
         self,
         budget: int,
         keep_recent: int = 32,
-        policy: str = "l2-low",
-        scope: str = "layer",
+        policy: str = "l2-high",
+        scope: str = "head",
         sink_tokens: int = 0,
         margin: Optional[int] = None,
         left_padding: Optional[List[int]] = None,
@@ -1564,8 +1566,8 @@ class QuantizedCompressedKVCache(CompressedKVCache):
         self,
         budget: int,
         keep_recent: int = 32,
-        policy: str = "l2-low",
-        scope: str = "layer",
+        policy: str = "l2-high",
+        scope: str = "head",
         sink_tokens: int = 0,
         margin: Optional[int] = None,
         left_padding: Optional[List[int]] = None,
@@ -1897,6 +1899,14 @@ KV_BITS = (2, 3, 4, 5, 6, 8)
 KV_GROUP_SIZES = (32, 64, 128)
 
 
+def default_kv_group_size(head_dim: Optional[int]) -> int:
+    """The quantization group used when none is asked for: 64, or 32 for heads
+    narrower than 64 (the bundled demo model's are 32 wide)."""
+    if head_dim is not None and head_dim % 64 and head_dim % 32 == 0:
+        return 32
+    return 64
+
+
 def _check_int(name, value, low, optional=False):
     if value is None and optional:
         return
@@ -1951,12 +1961,15 @@ class KVCacheConfig:
 
     max_kv_size: Optional[int] = None
     kv_bits: Optional[int] = None
-    kv_group_size: int = 64
+    # None: 64, or 32 where 64 does not divide the head dimension (default_kv_group_size).
+    kv_group_size: Optional[int] = None
     quantized_kv_start: int = 0
     compact_kv_budget: Optional[int] = None
     compact_keep_recent: int = 32
-    compact_policy: str = "l2-low"
-    compact_scope: str = "layer"
+    # Defaults measured with benchmarks/eval_long_context.py on the demo model
+    # (README, "Compressed KV cache"): closest to the full cache at 25-75% evicted.
+    compact_policy: str = "l2-high"
+    compact_scope: str = "head"
     compact_sink_tokens: int = 0
     compact_margin: Optional[int] = None
     window_size: Optional[int] = None
@@ -1968,7 +1981,8 @@ class KVCacheConfig:
         _check_int("max_kv_size", self.max_kv_size, 1, optional=True)
         if self.kv_bits is not None:
             _check_choice("kv_bits", self.kv_bits, KV_BITS)
-        _check_choice("kv_group_size", self.kv_group_size, KV_GROUP_SIZES)
+        if self.kv_group_size is not None:
+            _check_choice("kv_group_size", self.kv_group_size, KV_GROUP_SIZES)
         _check_int("quantized_kv_start", self.quantized_kv_start, 0)
 
         _check_int("compact_kv_budget", self.compact_kv_budget, 1, optional=True)
