@@ -1,6 +1,7 @@
 """Memory and speed of sliding-window KV caches against the full cache.
 
-For every setup (full cache, ``max_kv_size`` and the three window strategies,
+For every setup (full cache, ``max_kv_size``, the three window strategies and,
+at the same budget, ``compact_kv_budget`` with each key-scoring policy,
 optionally with ``--kv-bits``) a prompt of random token ids is prefilled and
 ``--decode-tokens`` tokens are generated greedily with ``generate_step``. The
 table lists the KV bytes held per sequence at the end, tokens held and evicted
@@ -29,6 +30,7 @@ import mlx.core as mx
 from mlx_lm.generate import generate_step
 from mlx_lm.models.base import scaled_dot_product_attention
 from mlx_lm.models.cache import (
+    KEY_SCORERS,
     KVCache,
     SlidingWindowKVCache,
     cache_eviction_stats,
@@ -49,6 +51,9 @@ def setups(window, prefix, span):
             "window attention",
             dict(size, window_strategy="attention", window_prefix=prefix),
         ),
+    ] + [
+        (f"compact {policy}", {"compact_kv_budget": window, "compact_policy": policy})
+        for policy in KEY_SCORERS
     ]
 
 
@@ -144,7 +149,9 @@ def parse_args(argv):
     p.add_argument("--model", default=None, help="default: the bundled demo model")
     p.add_argument("--prompt-tokens", type=int, default=2048)
     p.add_argument("--decode-tokens", type=int, default=256)
-    p.add_argument("--window", type=int, default=512, help="window and max_kv_size")
+    p.add_argument(
+        "--window", type=int, default=512, help="window, max_kv_size and budget"
+    )
     p.add_argument("--prefix", type=int, default=4, help="prefix of fixed/attention")
     p.add_argument("--span", type=int, default=32, help="window_attention_span")
     p.add_argument("--prefill-step", type=int, default=512)
