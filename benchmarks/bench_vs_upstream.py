@@ -47,16 +47,23 @@ mx.random.seed(0)
 prompt = mx.random.randint(0, config["vocab_size"], (spec["context"],))
 cache_opts = dict(spec["cache"])
 kv_bits = cache_opts.pop("kv_bits", None)
+kv_group_size = cache_opts.pop("kv_group_size", 64)
 cache = make_prompt_cache(model, **cache_opts)
 mx.reset_peak_memory()
 times = []
 start = time.perf_counter()
 for _ in generate_step(prompt, model, max_tokens=spec["decode"], prompt_cache=cache,
-                       kv_bits=kv_bits, prefill_step_size=spec["prefill_step"]):
+                       kv_bits=kv_bits, kv_group_size=kv_group_size,
+                       prefill_step_size=spec["prefill_step"]):
     times.append(time.perf_counter())
+    if len(times) == 1:
+        prefill_peak = mx.get_peak_memory()
+        mx.reset_peak_memory()
 prefill = times[0] - start
 decode = (times[-1] - times[0]) / max(len(times) - 1, 1)
 kv_bytes = sum(c.nbytes for c in cache)
+peak = max(prefill_peak, mx.get_peak_memory())
+decode_peak = mx.get_peak_memory()
 big = mx.zeros((64 * 1024 * 1024,), mx.float32)
 mx.eval(big)
 copies = []
@@ -66,7 +73,8 @@ bandwidth = 2 * big.nbytes / min(copies)
 print(json.dumps({
     "prefill_tps": spec["context"] / prefill,
     "decode_tps": 1.0 / decode,
-    "peak_gb": mx.get_peak_memory() / 1e9,
+    "peak_gb": peak / 1e9,
+    "decode_peak_gb": decode_peak / 1e9,
     "kv_bytes": kv_bytes,
     "weight_bytes": weight_bytes,
     "bandwidth_gbs": bandwidth / 1e9,
@@ -150,20 +158,39 @@ def run(python, spec, preload=None, fork=False):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+SETTINGS = ("full", "max_kv_size", "kv_bits=8", "kv_bits=4", "compact", "window")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="demo,smol", help="demo, smol or folders")
-    p.add_argument("--contexts", default="512,2048,8192")
+    p.add_argument("--contexts", default="128,512,2048,8192")
     p.add_argument("--decode", type=int, default=32, help="Decode steps per run")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--upstream-version", default="0.32.2")
     p.add_argument("--upstream-env", type=Path, default=DEFAULT_ENV)
     p.add_argument("--budget", type=int, default=512, help="For the eviction rows")
+    p.add_argument(
+        "--settings",
+        default=",".join(SETTINGS),
+        help=f"cache rows to run, from {','.join(SETTINGS)}",
+    )
+    p.add_argument(
+        "--upstream-max-context",
+        type=int,
+        default=2048,
+        help="longest prompt given to upstream with MLX's reference BLAS "
+        "(its 8K prefill of the 135M model takes the better part of an hour)",
+    )
     p.add_argument("--quick", action="store_true", help="demo model, 512/2048, 1 run")
     p.add_argument("--json", default=None)
     a = p.parse_args()
     if a.quick:
         a.models, a.contexts, a.runs = "demo", "512,2048", 1
+    chosen = a.settings.split(",")
+    for name in chosen:
+        if name not in SETTINGS:
+            p.error(f"--settings: unknown row {name!r}; choose from {SETTINGS}")
 
     upstream = ensure_upstream(a.upstream_env, a.upstream_version)
     blas = find_blas()
@@ -182,25 +209,36 @@ def main():
             folders[name] = Path(name).resolve()
 
     b = a.budget
+    # (row, kind, cache options, whether upstream has an equivalent)
     settings = [
-        ("full", {}, True),
-        (f"max_kv_size={b}", {"max_kv_size": b}, True),
-        ("kv_bits=8", {"kv_bits": 8}, True),
-        ("kv_bits=4", {"kv_bits": 4}, True),
-        (f"compact_kv_budget={b}", {"compact_kv_budget": b}, False),
-        (f"window_size={b}", {"window_size": b}, False),
+        ("full", "full", {}, True),
+        (f"max_kv_size={b}", "max_kv_size", {"max_kv_size": b}, True),
+        ("kv_bits=8", "kv_bits=8", {"kv_bits": 8}, True),
+        ("kv_bits=4", "kv_bits=4", {"kv_bits": 4}, True),
+        (f"compact_kv_budget={b}", "compact", {"compact_kv_budget": b}, False),
+        (f"window_size={b}", "window", {"window_size": b}, False),
     ]
     rows = []
     for model_name, folder in folders.items():
+        config = json.loads((folder / "config.json").read_text())
+        head_dim = config.get("head_dim") or (
+            config["hidden_size"] // config["num_attention_heads"]
+        )
+        # Upstream's default group of 64 does not fit heads narrower than 64.
+        group = 32 if head_dim % 64 else 64
         for context in [int(c) for c in a.contexts.split(",")]:
-            for label, cache, upstream_has_it in settings:
-                if label != "full" and context <= b:
+            for label, kind, cache, upstream_has_it in settings:
+                if kind not in chosen or (kind != "full" and context <= b):
                     continue
                 spec = {
                     "model": str(folder),
                     "context": context,
                     "decode": a.decode,
-                    "cache": cache,
+                    "cache": (
+                        dict(cache, kv_group_size=group)
+                        if "kv_bits" in cache
+                        else cache
+                    ),
                     "prefill_step": 2048,
                     "dtype": "float32",
                 }
@@ -209,12 +247,16 @@ def main():
                     for name, python, preload, fork in contenders:
                         if not fork and not upstream_has_it:
                             continue
+                        if name == "upstream" and context > a.upstream_max_context:
+                            continue
                         results.setdefault(name, []).append(
                             run(python, spec, preload, fork)
                         )
                 rows.append((model_name, context, label, results))
                 print_row(rows[-1], flush=True)
 
+    print()
+    print(targets(rows, b))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(
@@ -232,6 +274,68 @@ def med(runs, key):
     return statistics.median(values) if values else float("nan")
 
 
+def targets(rows, budget):
+    """The performance targets as measured ratios, one line each."""
+    lines = [f"{'target':<58}{'worst':>8}  result  (where)"]
+
+    def check(name, found, at_least):
+        found = [(v, where) for v, where in found if v == v]
+        if not found:
+            return
+        value, where = min(found)
+        verdict = "met" if value >= at_least else "NOT MET"
+        lines.append(f"{name:<58}{value:>8.2f}  {verdict:<7} ({where})")
+
+    full = {(m, c): r for m, c, l, r in rows if l == "full"}
+    ratios = {"decode": [], "prefill": [], "prefill+blas": [], "compact": []}
+    peak = []
+    for m, c, label, results in rows:
+        fork = results.get("fork", [])
+        where = f"{m} {c} {label}"
+        if label == "full":
+            for name, key in (("upstream+blas", "decode"), ("upstream", "decode")):
+                if results.get(name):
+                    ratios[key].append(
+                        (
+                            med(fork, "decode_tps") / med(results[name], "decode_tps"),
+                            f"{where} vs {name}",
+                        )
+                    )
+            if results.get("upstream"):
+                ratios["prefill"].append(
+                    (
+                        med(fork, "prefill_tps")
+                        / med(results["upstream"], "prefill_tps"),
+                        where,
+                    )
+                )
+            if results.get("upstream+blas"):
+                ratios["prefill+blas"].append(
+                    (
+                        med(fork, "prefill_tps")
+                        / med(results["upstream+blas"], "prefill_tps"),
+                        where,
+                    )
+                )
+        elif label.startswith("compact") and (m, c) in full and c >= 4 * budget:
+            base = full[(m, c)].get("fork", [])
+            ratios["compact"].append(
+                (med(fork, "decode_tps") / med(base, "decode_tps"), where)
+            )
+            limit = med(fork, "weight_bytes") + med(fork, "kv_bytes")
+            peak.append((limit * 1.1 / (med(fork, "decode_peak_gb") * 1e9), where))
+    check("decode >= 1.0x upstream (no eviction option)", ratios["decode"], 1.0)
+    check("prefill >= 20x upstream's default wheel", ratios["prefill"], 20.0)
+    check("prefill >= 1.0x upstream with the same BLAS", ratios["prefill+blas"], 1.0)
+    check(
+        "compact decode >= 1.0x full fork at context >= 4x budget",
+        ratios["compact"],
+        1.0,
+    )
+    check("decode peak <= 1.1 x (weights + KV): ratio >= 1", peak, 1.0)
+    return "\n".join(lines)
+
+
 def print_row(row, flush=False):
     model, context, label, results = row
     fork = results.get("fork", [])
@@ -242,7 +346,8 @@ def print_row(row, flush=False):
     parts.append(
         f"fork prefill {med(fork, 'prefill_tps'):8.1f} tok/s decode "
         f"{med(fork, 'decode_tps'):7.1f} tok/s ({med(fork, 'decode_tps') / med(fork, 'decode_bound_tps'):.0%} of bound) "
-        f"kv {med(fork, 'kv_bytes') / 1e6:7.1f} MB peak {med(fork, 'peak_gb'):.2f} GB"
+        f"kv {med(fork, 'kv_bytes') / 1e6:7.1f} MB peak {med(fork, 'peak_gb'):.2f} GB "
+        f"(decode {med(fork, 'decode_peak_gb'):.2f})"
     )
     for name in ("upstream", "upstream+blas"):
         if name in results:
