@@ -21,9 +21,13 @@ QUESTION = "\n# what is the passkey?\n# passkey: "
 KEY_DIGITS = 5
 
 
-def stdlib_files():
-    """Return (relative path, text) for every stdlib source file, sorted."""
-    root = Path(sysconfig.get_paths()["stdlib"])
+def stdlib_files(root=None):
+    """Return (relative path, text) for every stdlib source file, sorted.
+
+    ``root`` defaults to the running interpreter's stdlib; naming a copy of
+    another interpreter's lets a machine with a different Python use the same text.
+    """
+    root = Path(root or sysconfig.get_paths()["stdlib"])
     found = []
     for path in root.rglob("*.py"):
         rel = path.relative_to(root)
@@ -41,8 +45,8 @@ def is_held_out(rel):
     return int.from_bytes(digest[:4], "little") % 100 < HELD_OUT_PERCENT
 
 
-def split_corpus():
-    root, files = stdlib_files()
+def split_corpus(root=None):
+    root, files = stdlib_files(root)
     train = [(r, t) for r, t in files if not is_held_out(r)]
     held = [(r, t) for r, t in files if is_held_out(r)]
     return root, train, held

@@ -4,7 +4,9 @@ Everything here is reproducible on any machine with Python installed: the
 training text is the ``*.py`` source of the Python standard library that came
 with the interpreter (test suites and site-packages left out), the tokenizer is
 a byte-level BPE trained on that text, and the network is a tiny Llama trained
-with PyTorch on the CPU. The folder written at the end uses Hugging Face Llama
+with PyTorch (on the CPU, or ``--device cuda`` where a GPU is present; the
+``--stdlib`` option points a machine with another Python at a copy of the
+same stdlib). The folder written at the end uses Hugging Face Llama
 names and formats, so ``transformers`` and ``mlx_lm`` both load it.
 
 A fraction of the training sequences are synthetic long-range recall tasks
@@ -136,7 +138,7 @@ def rope_tables(length, head_dim, theta, device=None):
     exponents = torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim
     inv_freq = 1.0 / (theta**exponents)
     angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
+    angles = torch.cat([angles, angles], dim=-1).to(device)
     return angles.cos(), angles.sin()
 
 
@@ -188,37 +190,42 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, dropout=0.0):
         super().__init__()
+        self.dropout = dropout
         self.self_attn = Attention(cfg)
         self.mlp = MLP(cfg)
         self.input_layernorm = RMSNorm(cfg["hidden_size"], cfg["rms_norm_eps"])
         self.post_attention_layernorm = RMSNorm(cfg["hidden_size"], cfg["rms_norm_eps"])
 
     def forward(self, x, cos, sin):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.self_attn(self.input_layernorm(x), cos, sin)
+        x = x + F.dropout(h, self.dropout, self.training)
+        h = self.mlp(self.post_attention_layernorm(x))
+        return x + F.dropout(h, self.dropout, self.training)
 
 
 class Backbone(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, dropout):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg["vocab_size"], cfg["hidden_size"])
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg["num_hidden_layers"]))
+        self.layers = nn.ModuleList(
+            Block(cfg, dropout) for _ in range(cfg["num_hidden_layers"])
+        )
         self.norm = RMSNorm(cfg["hidden_size"], cfg["rms_norm_eps"])
 
 
 class TinyLlama(nn.Module):
     """Causal LM; ``state_dict`` keys equal LlamaForCausalLM's (lm_head tied)."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, dropout=0.0):
         super().__init__()
         self.cfg = cfg
-        self.model = Backbone(cfg)
+        self.model = Backbone(cfg, dropout)
 
     def forward(self, ids):
         cos, sin = rope_tables(
-            ids.shape[1], self.cfg["head_dim"], self.cfg["rope_theta"]
+            ids.shape[1], self.cfg["head_dim"], self.cfg["rope_theta"], ids.device
         )
         x = self.model.embed_tokens(ids)
         for layer in self.model.layers:
@@ -275,7 +282,7 @@ def export_folder(model, tok, out):
     gen = {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"]}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     weights = {
-        k: v.detach().to(torch.float16).contiguous()
+        k: v.detach().to("cpu", torch.float16).contiguous()
         for k, v in model.state_dict().items()
     }
     tmp = out / "model.safetensors.tmp"
@@ -285,9 +292,9 @@ def export_folder(model, tok, out):
     write_tokenizer_files(tok, out, cfg["max_position_embeddings"])
 
 
-def load_folder(folder):
+def load_folder(folder, dropout=0.0):
     cfg = json.loads((folder / "config.json").read_text())
-    model = TinyLlama(cfg)
+    model = TinyLlama(cfg, dropout)
     weights = {
         k: v.float() for k, v in load_file(str(folder / "model.safetensors")).items()
     }
@@ -407,9 +414,10 @@ def heldout_nll(model, stream, ctx, batch=4):
     n_win = (len(stream) - 1) // ctx
     rows = [stream[i * ctx : i * ctx + ctx + 1] for i in range(n_win)]
     total, count, targets = 0.0, 0, []
+    device = next(model.parameters()).device
     for i in range(0, n_win, batch):
         chunk = torch.tensor(np.stack(rows[i : i + batch]), dtype=torch.long)
-        logits = model(chunk[:, :-1])
+        logits = model(chunk[:, :-1].to(device)).cpu()
         loss = F.cross_entropy(
             logits.flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum"
         )
@@ -438,19 +446,20 @@ def recall_accuracy(model, tok, stream, trials, ctx, min_gap, seed, batch=4):
     hits, gaps = 0, [gap for _, _, gap in cases]
     for i in range(0, trials, batch):
         group = cases[i : i + batch]
-        logits = model(torch.tensor([ids for ids, _, _ in group], dtype=torch.long))
+        rows = torch.tensor([ids for ids, _, _ in group], dtype=torch.long)
+        logits = model(rows.to(next(model.parameters()).device)).cpu()
         for row, (ids, answer_pos, _) in enumerate(group):
             guess = logits[row, [p - 1 for p in answer_pos]].argmax(-1).tolist()
             hits += guess == [ids[p] for p in answer_pos]
     return hits / trials, min(gaps), float(np.mean(gaps))
 
 
-def hf_logit_check(model, folder, tok):
+def hf_logit_check(model, folder, tok, root):
     """Largest |logit difference| between ours and transformers' Llama on a sample."""
     from transformers import LlamaForCausalLM
 
     hf = LlamaForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
-    text = stdlib_files()[1][0][1][:3000]
+    text = stdlib_files(root)[1][0][1][:3000]
     ids = torch.tensor([tok.encode(text, add_special_tokens=False).ids[:512]])
     with torch.no_grad():
         ours = model(ids)
@@ -467,7 +476,8 @@ def cpu_name():
 
 def evaluate(folder, args, card):
     model, tok = load_folder(folder)
-    root, train, held = split_corpus()
+    model.to(args.device)
+    root, train, held = split_corpus(args.stdlib)
     train_stream = token_stream(tok, train)
     held_stream = token_stream(tok, held)
     t0 = time.time()
@@ -513,7 +523,9 @@ def evaluate(folder, args, card):
                 "mean_distance_tokens": round(gap_mean, 1),
                 "accuracy": acc,
             },
-            "hf_transformers_max_abs_logit_diff": hf_logit_check(model, folder, tok),
+            "hf_transformers_max_abs_logit_diff": hf_logit_check(
+                model.cpu(), folder, tok, args.stdlib
+            ),
             "eval_seconds": round(time.time() - t0, 1),
         }
     )
@@ -553,7 +565,7 @@ def train(args):
     out = Path(args.out)
     t_start = time.time()
 
-    root, train_files, held = split_corpus()
+    root, train_files, held = split_corpus(args.stdlib)
     print(
         f"stdlib {root}: {len(train_files)} train files, {len(held)} held out",
         flush=True,
@@ -576,12 +588,15 @@ def train(args):
 
     cfg = make_config(args, tok)
     if args.init_from:
-        model, _ = load_folder(Path(args.init_from))
+        model, _ = load_folder(Path(args.init_from), args.dropout)
         model.train()
         cfg = model.cfg
     else:
-        model = TinyLlama(cfg)
+        model = TinyLlama(cfg, args.dropout)
         init_weights(model, args.seed)
+    model.to(args.device)
+    # bfloat16 matmuls on a GPU; the CPU keeps float32, where the BLAS is fastest
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=args.device == "cuda")
     n_params = sum(p.numel() for p in model.parameters())
     print(f"parameters {n_params}", flush=True)
     decay = [p for n, p in model.named_parameters() if p.dim() == 2]
@@ -613,9 +628,11 @@ def train(args):
         ids, answer_w = data.batch(
             size, n, recall_frac, args.chat_frac, args.repeat_frac
         )
-        logits = model(ids[:, :-1])
+        ids, answer_w = ids.to(args.device), answer_w.to(args.device)
+        with autocast:
+            logits = model(ids[:, :-1])
         per_tok = F.cross_entropy(
-            logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none"
+            logits.float().flatten(0, 1), ids[:, 1:].flatten(), reduction="none"
         ).view(size, n - 1)
         lm_loss = per_tok.mean()
         answer_loss = (per_tok * answer_w).sum() / answer_w.sum().clamp(min=1.0)
@@ -638,6 +655,7 @@ def train(args):
             model.eval()
             with torch.no_grad():
                 val_ids, val_w = eval_data.batch(4, n, 1.0, 0.0)
+                val_ids, val_w = val_ids.to(args.device), val_w.to(args.device)
                 val_logits = model(val_ids[:, :-1])
                 hits = (
                     (val_logits.argmax(-1) == val_ids[:, 1:])[val_w > 0].float().mean()
@@ -673,9 +691,13 @@ def train(args):
             "answer_loss_weight": args.answer_weight,
             "chat_fraction": args.chat_frac,
             "repeat_fraction": args.repeat_frac,
+            "dropout": args.dropout,
             "hardware": {
                 "cpu": cpu_name(),
                 "torch_threads": args.threads,
+                "gpu": (
+                    torch.cuda.get_device_name() if args.device == "cuda" else None
+                ),
                 "torch": torch.__version__,
             },
         },
@@ -732,6 +754,22 @@ def main():
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--max-len", type=int, default=4096, help="max_position_embeddings")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="torch device to train and evaluate on",
+    )
+    p.add_argument(
+        "--stdlib",
+        help="stdlib folder to read instead of the running interpreter's "
+        "(a copy of another Python's, for the same corpus on another machine)",
+    )
+    p.add_argument(
+        "--dropout",
+        type=float,
+        default=0.0,
+        help="residual dropout while training (the exported model has none)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument(
