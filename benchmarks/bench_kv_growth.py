@@ -67,22 +67,30 @@ def measure(cache, config: dict) -> dict:
     if hasattr(mx, "reset_peak_memory"):
         mx.reset_peak_memory()
     every = config["eval_every"]
-    reallocations, capacity = 0, 0
+    quarter = max(config["tokens"] // 4, 1)
+    reallocations, capacity, marks = 0, 0, []
     start = time.perf_counter()
     for i in range(config["tokens"]):
         fetched = cache.update_and_fetch(keys, values)
         if cache.keys.shape[2] != capacity:
             reallocations += 1
             capacity = cache.keys.shape[2]
-        if (i + 1) % every == 0:
+        if (i + 1) % every == 0 or (i + 1) % quarter == 0:
             mx.eval(fetched)
+        if (i + 1) % quarter == 0:
+            marks.append(time.perf_counter())
     mx.eval(fetched)
     seconds = time.perf_counter() - start
+    # Cost per token in the first and the last quarter of the context: equal when
+    # appending does not get dearer as the cache grows.
+    bounds = [start] + marks
+    quarters = [1e6 * (b - a) / quarter for a, b in zip(bounds, bounds[1:])]
     result = {
         "reallocations": reallocations,
         "capacity": capacity,
         "seconds": seconds,
         "us_per_token": 1e6 * seconds / config["tokens"],
+        "us_per_token_by_quarter": quarters,
     }
     if hasattr(mx, "get_peak_memory"):
         result["peak_mb"] = mx.get_peak_memory() / 2**20
@@ -130,7 +138,12 @@ def run_upstream(python: str, config: dict) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     with tempfile.TemporaryDirectory() as neutral:
         done = subprocess.run(
-            [python, os.path.abspath(__file__), "--worker", json.dumps(config)],
+            [
+                os.path.abspath(python),
+                os.path.abspath(__file__),
+                "--worker",
+                json.dumps(config),
+            ],
             cwd=neutral,
             env=env,
             capture_output=True,
@@ -144,7 +157,7 @@ def run_upstream(python: str, config: dict) -> dict:
 
 def print_table(rows):
     header = f"{'cache':<28}{'reallocs':>9}{'capacity':>10}{'seconds':>9}"
-    header += f"{'us/token':>10}{'peak MB':>9}"
+    header += f"{'us/token':>10}{'first q':>9}{'last q':>9}{'peak MB':>9}"
     print(header)
     print("-" * len(header))
     for name, r in rows:
@@ -152,9 +165,11 @@ def print_table(rows):
             print(f"{name:<28}skipped: {r['skipped']}")
             continue
         peak = f"{r['peak_mb']:>9.1f}" if "peak_mb" in r else f"{'-':>9}"
+        quarters = r.get("us_per_token_by_quarter") or [float("nan")]
         print(
             f"{name:<28}{r['reallocations']:>9}{r['capacity']:>10}"
-            f"{r['seconds']:>9.3f}{r['us_per_token']:>10.1f}{peak}"
+            f"{r['seconds']:>9.3f}{r['us_per_token']:>10.1f}"
+            f"{quarters[0]:>9.1f}{quarters[-1]:>9.1f}{peak}"
         )
 
 
