@@ -206,8 +206,8 @@ def generate_step(
     one token, the next is already being computed (``mx.async_eval``), so the Python
     overhead overlaps with the model. ``prompt_cache`` is updated in place when given;
     ``max_tokens=-1`` never stops. ``kv_bits`` switches each layer to a quantized cache
-    once it holds ``quantized_kv_start`` tokens (defaults: groups of 64, from the
-    start). ``kv_config`` (:class:`~mlx_lm.models.cache.KVCacheConfig`) carries every
+    once it holds ``quantized_kv_start`` tokens (defaults: from the start, in groups
+    of 64, or 32 where 64 does not divide the head dimension). ``kv_config`` (:class:`~mlx_lm.models.cache.KVCacheConfig`) carries every
     cache option at once; keyword options such as ``compact_kv_budget`` or
     ``window_size`` override its fields.
     """

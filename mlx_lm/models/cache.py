@@ -1967,7 +1967,8 @@ class KVCacheConfig:
     compact_kv_budget: Optional[int] = None
     compact_keep_recent: int = 32
     # Defaults measured with benchmarks/eval_long_context.py on the demo model
-    # (README, "Compressed KV cache"): closest to the full cache at 25-75% evicted.
+    # (README, "Measured quality, and the defaults it chose"): closest to the full
+    # cache at 25-75% evicted.
     compact_policy: str = "l2-high"
     compact_scope: str = "head"
     compact_sink_tokens: int = 0
