@@ -409,6 +409,25 @@ class TestAttentionHelpers(unittest.TestCase):
                 self.assertEqual(got.shape, (B, n_heads, L, D))
                 self.assertLess(max_diff(got, want), 1e-4)
 
+    def test_single_query_grouped_heads(self):
+        # One-token steps take the folded path; compare with heads expanded by hand.
+        mx.random.seed(4)
+        for n_heads, n_kv in [(6, 2), (4, 4), (9, 3)]:
+            with self.subTest(n_heads=n_heads, n_kv=n_kv):
+                B, S, D = 2, 11, 32
+                queries = mx.random.normal((B, n_heads, 1, D))
+                keys = mx.random.normal((B, n_kv, S, D))
+                values = mx.random.normal((B, n_kv, S, D))
+                got = base.scaled_dot_product_attention(
+                    queries, keys, values, None, 0.3, None
+                )
+                rep = n_heads // n_kv
+                k = mx.repeat(keys, rep, axis=1)
+                v = mx.repeat(values, rep, axis=1)
+                weights = mx.softmax((queries * 0.3) @ k.swapaxes(-1, -2), axis=-1)
+                self.assertEqual(got.shape, (B, n_heads, 1, D))
+                self.assertLess(max_diff(got, weights @ v), 1e-5)
+
     def test_rope_accepts_array_offset(self):
         # Batched caches carry one offset per sequence.
         rope = build_model(TINY_CONFIGS["llama"]).layers[0].self_attn.rope

@@ -123,6 +123,31 @@ def _weighted_values(weights: mx.array, values, quantized) -> mx.array:
     return out.reshape(B, n_kv_heads * n_rep, L, D)
 
 
+def _fused_attention(queries, keys, values, scale: float, mask) -> mx.array:
+    """``mx.fast.scaled_dot_product_attention``, with one-token GQA steps folded on the CPU.
+
+    A single unmasked query per head is reshaped so that the query heads sharing a KV
+    head become the rows of one query block ([B, n_kv_heads, n_rep, D]). The result is
+    the same; on MLX's CPU backend this form made decode steps 1.17x faster at 8K
+    tokens on the demo model and 1.21x at 2K on the 135M benchmark model (README,
+    "This fork against upstream mlx-lm").
+    """
+    B, n_heads, L, D = queries.shape
+    n_kv_heads = keys.shape[1]
+    if (
+        L == 1
+        and mask is None
+        and n_heads > n_kv_heads
+        and mx.default_device() == mx.cpu
+    ):
+        folded = queries.reshape(B, n_kv_heads, n_heads // n_kv_heads, D)
+        out = mx.fast.scaled_dot_product_attention(folded, keys, values, scale=scale)
+        return out.reshape(B, n_heads, 1, D)
+    return mx.fast.scaled_dot_product_attention(
+        queries, keys, values, scale=scale, mask=mask
+    )
+
+
 def scaled_dot_product_attention(
     queries: mx.array,
     keys,
@@ -151,9 +176,7 @@ def scaled_dot_product_attention(
         weights = _attention_weights(queries, keys, scale, mask, quantized)
         out = _weighted_values(weights, values, quantized)
     else:
-        out = mx.fast.scaled_dot_product_attention(
-            queries, keys, values, scale=scale, mask=mask
-        )
+        out = _fused_attention(queries, keys, values, scale, mask)
     if not observed:
         return out
     if weights is None:
