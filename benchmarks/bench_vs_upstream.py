@@ -52,9 +52,10 @@ cache = make_prompt_cache(model, **cache_opts)
 mx.reset_peak_memory()
 times = []
 start = time.perf_counter()
+# No prefill step given: each implementation's own default chunk length.
+chunks = {"prefill_step_size": spec["prefill_step"]} if spec["prefill_step"] else {}
 for _ in generate_step(prompt, model, max_tokens=spec["decode"], prompt_cache=cache,
-                       kv_bits=kv_bits, kv_group_size=kv_group_size,
-                       prefill_step_size=spec["prefill_step"]):
+                       kv_bits=kv_bits, kv_group_size=kv_group_size, **chunks):
     times.append(time.perf_counter())
     if len(times) == 1:
         prefill_peak = mx.get_peak_memory()
@@ -186,6 +187,13 @@ def main():
         help="longest prompt given to upstream with MLX's reference BLAS "
         "(its 8K prefill of the 135M model takes the better part of an hour)",
     )
+    p.add_argument(
+        "--prefill-step",
+        type=int,
+        default=None,
+        help="prompt chunk for both (default: each one's own, 256 here on the CPU, "
+        "2048 upstream)",
+    )
     p.add_argument("--quick", action="store_true", help="demo model, 512/2048, 1 run")
     p.add_argument("--json", default=None)
     a = p.parse_args()
@@ -243,7 +251,7 @@ def main():
                         if "kv_bits" in cache
                         else cache
                     ),
-                    "prefill_step": 2048,
+                    "prefill_step": a.prefill_step,
                     "dtype": "float32",
                 }
                 results = {}

@@ -34,7 +34,12 @@ def setup_arg_parser():
     )
     p.add_argument("--eos-token", default=None, help="Override the EOS token")
     add_kv_cache_arguments(p)
-    p.add_argument("--prefill-step-size", type=_positive_int, default=2048)
+    p.add_argument(
+        "--prefill-step-size",
+        type=_positive_int,
+        default=None,
+        help="prompt tokens per model call (default: 256 on the CPU, 2048 elsewhere)",
+    )
     return p
 
 

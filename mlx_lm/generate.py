@@ -148,6 +148,25 @@ def _kv_config(kv_config, **options) -> kv.KVCacheConfig:
     return kv.KVCacheConfig.from_options(kv_config, **options)
 
 
+def default_prefill_step_size() -> int:
+    """Prompt chunk length when none is given: 256 tokens on the CPU, 2048 elsewhere.
+
+    MLX's CPU attention writes out every score of a chunk, the masked-out half
+    included, and its ``exp`` dominates long prompts; short chunks skip most of that
+    half. 256 prefilled 2K tokens of the 135M benchmark model 1.4x faster than 2048,
+    and 8K tokens of the demo model 1.4x faster (README, "Prompt chunks on the CPU").
+    """
+    return 256 if mx.default_device() == mx.cpu else 2048
+
+
+def _prefill_step(size: Optional[int]) -> int:
+    if size is None:
+        return default_prefill_step_size()
+    if size < 1:
+        raise ValueError(f"prefill_step_size must be positive, got {size}")
+    return size
+
+
 def _greedy(logprobs: mx.array) -> mx.array:
     return mx.argmax(logprobs, axis=-1)
 
@@ -192,7 +211,7 @@ def generate_step(
     logits_processors: Optional[List[Callable[[mx.array, mx.array], mx.array]]] = None,
     max_kv_size: Optional[int] = None,
     prompt_cache: Optional[List[Any]] = None,
-    prefill_step_size: int = 2048,
+    prefill_step_size: Optional[int] = None,
     kv_bits: Optional[int] = None,
     kv_group_size: Optional[int] = None,
     quantized_kv_start: Optional[int] = None,
@@ -213,8 +232,7 @@ def generate_step(
     """
     if prompt.size == 0:
         raise ValueError("prompt must contain at least one token")
-    if prefill_step_size < 1:
-        raise ValueError(f"prefill_step_size must be positive, got {prefill_step_size}")
+    prefill_step_size = _prefill_step(prefill_step_size)
     config = _kv_config(
         kv_config,
         max_kv_size=max_kv_size,
@@ -278,7 +296,7 @@ def speculative_generate_step(
     sampler: Optional[Callable[[mx.array], mx.array]] = None,
     logits_processors: Optional[List[Callable[[mx.array, mx.array], mx.array]]] = None,
     prompt_cache: Optional[List[Any]] = None,
-    prefill_step_size: int = 512,
+    prefill_step_size: Optional[int] = None,
     kv_bits: Optional[int] = None,
     kv_group_size: Optional[int] = None,
     quantized_kv_start: Optional[int] = None,
@@ -300,6 +318,7 @@ def speculative_generate_step(
         raise ValueError("prompt must contain at least one token")
     if num_draft_tokens < 1:
         raise ValueError(f"num_draft_tokens must be positive, got {num_draft_tokens}")
+    prefill_step_size = _prefill_step(prefill_step_size)
     config = _kv_config(
         kv_config,
         kv_bits=kv_bits,
@@ -586,7 +605,7 @@ def batch_generate(
     verbose: bool = False,
     sampler: Optional[Callable[[mx.array], mx.array]] = None,
     logits_processors: Optional[List[Callable[[mx.array, mx.array], mx.array]]] = None,
-    prefill_step_size: int = 2048,
+    prefill_step_size: Optional[int] = None,
     return_token_ids: bool = False,
     return_prompt_caches: bool = False,
     kv_config: Optional[kv.KVCacheConfig] = None,
@@ -612,6 +631,7 @@ def batch_generate(
         raise ValueError(
             f"max_tokens has {len(limits)} entries for {len(prompts)} prompts"
         )
+    prefill_step_size = _prefill_step(prefill_step_size)
     config = _kv_config(kv_config, **cache_options)
     unsupported = [
         f"{name}={getattr(config, name)}"
@@ -901,7 +921,12 @@ def setup_arg_parser():
         help="Further tokens that end generation",
     )
     add_kv_cache_arguments(p)
-    p.add_argument("--prefill-step-size", type=_positive_int, default=2048)
+    p.add_argument(
+        "--prefill-step-size",
+        type=_positive_int,
+        default=None,
+        help="prompt tokens per model call (default: 256 on the CPU, 2048 elsewhere)",
+    )
     p.add_argument(
         "--prompt-cache-file",
         type=_existing_file,
@@ -1055,7 +1080,9 @@ def main(argv=None):
         prefill_step_size=args.prefill_step_size,
         kv_config=kv_config,
         prompt_progress_callback=(
-            make_progress_printer(args.prefill_step_size) if args.verbose else None
+            make_progress_printer(_prefill_step(args.prefill_step_size))
+            if args.verbose
+            else None
         ),
     )
     if draft_model is not None:

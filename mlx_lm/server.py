@@ -614,7 +614,7 @@ class GenerationWorker:
     ``("done", {...})``; or ``("error", APIError)`` at any point.
     """
 
-    def __init__(self, models: ServedModels, prefill_step_size: int = 2048):
+    def __init__(self, models: ServedModels, prefill_step_size: Optional[int] = None):
         self.models = models
         self.prefill_step_size = prefill_step_size
         self.counts = {"completed": 0, "cancelled": 0, "skipped": 0, "failed": 0}
@@ -1167,7 +1167,7 @@ class APIServer(ThreadingHTTPServer):
         defaults: ServerDefaults,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
         log_requests: bool = False,
-        prefill_step_size: int = 2048,
+        prefill_step_size: Optional[int] = None,
     ):
         super().__init__(address, APIHandler)
         self.models = models
@@ -1247,7 +1247,12 @@ def setup_arg_parser():
         default=DEFAULT_MAX_REQUEST_BYTES,
         help="Larger request bodies are refused with 413",
     )
-    p.add_argument("--prefill-step-size", type=_int_at_least(1), default=2048)
+    p.add_argument(
+        "--prefill-step-size",
+        type=_int_at_least(1),
+        default=None,
+        help="prompt tokens per model call (default: 256 on the CPU, 2048 elsewhere)",
+    )
     p.add_argument(
         "--log-requests", action="store_true", help="Log every request to stderr"
     )

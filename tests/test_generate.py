@@ -12,6 +12,7 @@ from helpers import tiny_model, tiny_tokenizer, write_model_dir
 
 from mlx_lm import batch_generate, generate, stream_generate
 from mlx_lm.generate import (
+    default_prefill_step_size,
     generate_step,
     main,
     speculative_generate_step,
@@ -162,6 +163,20 @@ class TestGenerateStep(unittest.TestCase):
         self.assertEqual(calls[-1], (total, total))
         done = [d for d, _ in calls]
         self.assertEqual(done, sorted(done))
+
+    def test_default_prefill_chunk(self):
+        # These tests run on the CPU, where prompts go in 256-token chunks.
+        self.assertEqual(default_prefill_step_size(), 256)
+        calls = []
+        prompt = (self.prompt * 40)[:600]
+        self.greedy(
+            prompt=prompt,
+            n=1,
+            prompt_progress_callback=lambda d, t: calls.append(d),
+        )
+        self.assertEqual(calls, [0, 256, 512, 599, 600])
+        with self.assertRaisesRegex(ValueError, "prefill_step_size must be positive"):
+            self.greedy(prefill_step_size=0)
 
 
 class TestSpeculative(unittest.TestCase):
