@@ -153,8 +153,7 @@ def default_prefill_step_size() -> int:
 
     MLX's CPU attention writes out every score of a chunk, the masked-out half
     included, and its ``exp`` dominates long prompts; short chunks skip most of that
-    half. 256 prefilled 2K tokens of the 135M benchmark model 1.4x faster than 2048,
-    and 8K tokens of the demo model 1.4x faster (README, "Prompt chunks on the CPU").
+    half (README, "This fork against upstream mlx-lm").
     """
     return 256 if mx.default_device() == mx.cpu else 2048
 
