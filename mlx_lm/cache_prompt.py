@@ -12,8 +12,8 @@ import time
 import mlx.core as mx
 
 from .generate import (
-    _positive_int,
     add_kv_cache_arguments,
+    add_prefill_argument,
     generate_step,
     kv_config_from_args,
 )
@@ -34,12 +34,7 @@ def setup_arg_parser():
     )
     p.add_argument("--eos-token", default=None, help="Override the EOS token")
     add_kv_cache_arguments(p)
-    p.add_argument(
-        "--prefill-step-size",
-        type=_positive_int,
-        default=None,
-        help="prompt tokens per model call (default: 256 on the CPU, 2048 elsewhere)",
-    )
+    add_prefill_argument(p)
     return p
 
 

@@ -220,14 +220,16 @@ def generate_step(
 ) -> Generator[Tuple[int, mx.array], None, None]:
     """Yield ``(token, logprobs)`` pairs continuing ``prompt``.
 
-    The prompt is fed in chunks of ``prefill_step_size`` tokens. While the caller handles
-    one token, the next is already being computed (``mx.async_eval``), so the Python
-    overhead overlaps with the model. ``prompt_cache`` is updated in place when given;
-    ``max_tokens=-1`` never stops. ``kv_bits`` switches each layer to a quantized cache
-    once it holds ``quantized_kv_start`` tokens (defaults: from the start, in groups
-    of 64, or 32 where 64 does not divide the head dimension). ``kv_config`` (:class:`~mlx_lm.models.cache.KVCacheConfig`) carries every
-    cache option at once; keyword options such as ``compact_kv_budget`` or
-    ``window_size`` override its fields.
+    The prompt is fed in chunks of ``prefill_step_size`` tokens (default:
+    :func:`default_prefill_step_size`). While the caller handles one token, the next is
+    already being computed (``mx.async_eval``), so the Python overhead overlaps with the
+    model. ``prompt_cache`` is updated in place when given; ``max_tokens=-1`` never
+    stops. ``kv_bits`` switches each layer to a quantized cache once it holds
+    ``quantized_kv_start`` tokens (defaults: from the start, in groups of 64, or 32
+    where 64 does not divide the head dimension). ``kv_config``
+    (:class:`~mlx_lm.models.cache.KVCacheConfig`) carries every cache option at once;
+    keyword options such as ``compact_kv_budget`` or ``window_size`` override its
+    fields.
     """
     if prompt.size == 0:
         raise ValueError("prompt must contain at least one token")
@@ -786,6 +788,16 @@ def str2bool(text):
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def add_prefill_argument(p: argparse.ArgumentParser):
+    """``--prefill-step-size``, shared by generate, cache_prompt and the server."""
+    p.add_argument(
+        "--prefill-step-size",
+        type=_positive_int,
+        default=None,
+        help="prompt tokens per model call (default: 256 on the CPU, 2048 elsewhere)",
+    )
+
+
 def add_kv_cache_arguments(p: argparse.ArgumentParser):
     """The KV-cache memory flags shared by generate, cache_prompt and the server.
 
@@ -920,12 +932,7 @@ def setup_arg_parser():
         help="Further tokens that end generation",
     )
     add_kv_cache_arguments(p)
-    p.add_argument(
-        "--prefill-step-size",
-        type=_positive_int,
-        default=None,
-        help="prompt tokens per model call (default: 256 on the CPU, 2048 elsewhere)",
-    )
+    add_prefill_argument(p)
     p.add_argument(
         "--prompt-cache-file",
         type=_existing_file,

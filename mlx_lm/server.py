@@ -39,6 +39,7 @@ from .generate import (
     DEFAULT_TOP_K,
     DEFAULT_TOP_P,
     add_kv_cache_arguments,
+    add_prefill_argument,
     kv_config_from_args,
     stream_generate,
 )
@@ -1247,12 +1248,7 @@ def setup_arg_parser():
         default=DEFAULT_MAX_REQUEST_BYTES,
         help="Larger request bodies are refused with 413",
     )
-    p.add_argument(
-        "--prefill-step-size",
-        type=_int_at_least(1),
-        default=None,
-        help="prompt tokens per model call (default: 256 on the CPU, 2048 elsewhere)",
-    )
+    add_prefill_argument(p)
     p.add_argument(
         "--log-requests", action="store_true", help="Log every request to stderr"
     )

@@ -165,16 +165,17 @@ class TestGenerateStep(unittest.TestCase):
         self.assertEqual(done, sorted(done))
 
     def test_default_prefill_chunk(self):
-        # These tests run on the CPU, where prompts go in 256-token chunks.
-        self.assertEqual(default_prefill_step_size(), 256)
+        step = default_prefill_step_size()
+        self.assertEqual(step, 256 if mx.default_device() == mx.cpu else 2048)
         calls = []
-        prompt = (self.prompt * 40)[:600]
+        total = 2 * step + 88
+        prompt = (self.prompt * (total // len(self.prompt) + 1))[:total]
         self.greedy(
             prompt=prompt,
             n=1,
             prompt_progress_callback=lambda d, t: calls.append(d),
         )
-        self.assertEqual(calls, [0, 256, 512, 599, 600])
+        self.assertEqual(calls, [0, step, 2 * step, total - 1, total])
         with self.assertRaisesRegex(ValueError, "prefill_step_size must be positive"):
             self.greedy(prefill_step_size=0)
 

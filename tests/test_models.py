@@ -410,7 +410,8 @@ class TestAttentionHelpers(unittest.TestCase):
                 self.assertLess(max_diff(got, want), 1e-4)
 
     def test_single_query_grouped_heads(self):
-        # One-token steps take the folded path; compare with heads expanded by hand.
+        # One-token steps take the folded path on the CPU; compare with the heads
+        # expanded by hand.
         mx.random.seed(4)
         for n_heads, n_kv in [(6, 2), (4, 4), (9, 3)]:
             with self.subTest(n_heads=n_heads, n_kv=n_kv):
