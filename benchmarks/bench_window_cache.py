@@ -19,6 +19,9 @@ Example:
         --decode-tokens 256 --json window.json
 """
 
+# Before mlx.core, so that matrix products use the optimized BLAS on Linux.
+import mlx_lm  # noqa: F401 isort: skip
+
 import argparse
 import json
 import statistics

@@ -27,6 +27,9 @@ A setup in ``--configs`` is ``full`` or ``key=value`` pairs joined by ``+``;
 a value ending in ``%`` is that share of the context, e.g. ``max_kv_size=25%``.
 """
 
+# Before mlx.core, so that matrix products use the optimized BLAS on Linux.
+import mlx_lm  # noqa: F401 isort: skip
+
 import argparse
 import json
 import math
