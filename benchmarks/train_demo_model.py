@@ -12,7 +12,9 @@ names and formats, so ``transformers`` and ``mlx_lm`` both load it.
 A fraction of the training sequences are synthetic long-range recall tasks
 (a ``# passkey: NNNNN`` line planted in the code, asked for at the end) and a
 fraction are chat-formatted, so that the model can copy from far back in its
-context and the chat template means something.
+context and the chat template means something. Four attention heads start
+wired as an induction circuit (``wire_induction``), because from a random start
+that circuit forms later than an hour of CPU training reaches.
 
 Usage:
     python benchmarks/train_demo_model.py --time-budget 3300
@@ -216,12 +218,14 @@ class Backbone(nn.Module):
 
 
 class TinyLlama(nn.Module):
-    """Causal LM; ``state_dict`` keys equal LlamaForCausalLM's (lm_head tied)."""
+    """Causal LM; ``state_dict`` keys equal LlamaForCausalLM's."""
 
     def __init__(self, cfg, dropout=0.0):
         super().__init__()
         self.cfg = cfg
         self.model = Backbone(cfg, dropout)
+        if not cfg["tie_word_embeddings"]:
+            self.lm_head = nn.Linear(cfg["hidden_size"], cfg["vocab_size"], bias=False)
 
     def forward(self, ids):
         cos, sin = rope_tables(
@@ -230,7 +234,9 @@ class TinyLlama(nn.Module):
         x = self.model.embed_tokens(ids)
         for layer in self.model.layers:
             x = layer(x, cos, sin)
-        return self.model.norm(x) @ self.model.embed_tokens.weight.T
+        if self.cfg["tie_word_embeddings"]:
+            return self.model.norm(x) @ self.model.embed_tokens.weight.T
+        return self.lm_head(self.model.norm(x))
 
 
 def init_weights(model, seed):
@@ -246,6 +252,83 @@ def init_weights(model, seed):
             p.copy_(torch.randn(p.shape, generator=gen) * std)
 
 
+def wire_induction(model, seed):
+    """Start layers 0 and 1 as an induction circuit; training takes it from there.
+
+    From scratch, the circuit that copies from context (a head that looks one
+    token back, feeding a head that finds the earlier occurrence of the current
+    token and copies what followed it) forms only after a long plateau, longer
+    than an hour of this CPU. So the residual stream is split into subspaces
+    and four heads get weights that implement it:
+
+    - every embedding gets the same constant in the last dimension, and a
+      random code for its token in the TOK dimensions;
+    - layer 0, query heads 0 and 1 (sharing KV head 0): query and key read only
+      the constant, with RoPE phases set so that the scores peak at one and two
+      tokens back; their values (the TOK code) land in PREV and PREV2;
+    - layer 1, query head ``group`` (KV head 1): the query reads TOK and the key
+      reads PREV, through one random projection onto the slowest-turning RoPE
+      dimensions, so the score is high where the token before a position equals
+      the current token, at any distance; the value (that position's TOK code)
+      lands in OUT, which the untied output matrix reads with the same codes.
+
+    Everything else keeps its random start and all weights are trained.
+    """
+    cfg = model.cfg
+    d, hd = cfg["hidden_size"], cfg["head_dim"]
+    group = cfg["num_attention_heads"] // cfg["num_key_value_heads"]
+    if cfg["tie_word_embeddings"] or group < 2 or cfg["num_key_value_heads"] < 2:
+        raise ValueError(
+            "wiring needs untied embeddings and two query heads per KV head"
+        )
+    width = min(hd, (d - 1) // 4)
+    tok, prev, prev2, out = (slice(i * width, (i + 1) * width) for i in range(4))
+    const = d - 1
+    half = hd // 2
+    gen = torch.Generator().manual_seed(seed + 1)
+    codes = torch.randn(cfg["vocab_size"], width, generator=gen)
+    theta = cfg["rope_theta"] ** (-torch.arange(half, dtype=torch.float64) * 2 / hd)
+    # RMS of an embedding is sqrt((width + width) / d): the constant matches
+    # the code's norm, so after the input norm both scale by this factor
+    first_gain = math.sqrt(d / (2 * width))
+
+    with torch.no_grad():
+        emb = model.model.embed_tokens.weight
+        emb[:, tok] = codes
+        emb[:, const] = math.sqrt(width)
+        model.lm_head.weight[:, out] = 0.2 * codes
+
+        # layer 0: fixed-offset heads over the 8 fastest RoPE pairs
+        attn = model.model.layers[0].self_attn
+        pair_amp = 12.0 / (math.sqrt(width) * first_gain)
+        for p in range(8):
+            attn.k_proj.weight[p, const] = pair_amp
+        for head, offset in ((0, 1), (1, 2)):
+            rows = head * hd
+            for p in range(8):
+                angle = float(theta[p]) * offset
+                attn.q_proj.weight[rows + p, const] = pair_amp * math.cos(angle)
+                attn.q_proj.weight[rows + half + p, const] = -pair_amp * math.sin(angle)
+            target = prev if offset == 1 else prev2
+            for i in range(width):
+                attn.o_proj.weight[target.start + i, rows + i] = 1.0 / first_gain
+        for i in range(width):
+            attn.v_proj.weight[i, tok.start + i] = 1.0
+
+        # layer 1: content match on the slowest RoPE pairs (nearly position-free)
+        attn = model.model.layers[1].self_attn
+        slow = list(range(half - 12, half)) + list(range(hd - 12, hd))
+        basis, _ = torch.linalg.qr(torch.randn(width, len(slow), generator=gen))
+        proj = basis.T  # orthonormal rows, len(slow) x width
+        q_rows, kv_rows = group * hd, hd
+        for r, dim in enumerate(slow):
+            attn.q_proj.weight[q_rows + dim, tok] = 6.0 * proj[r]
+            attn.k_proj.weight[kv_rows + dim, prev] = proj[r]
+        for i in range(width):
+            attn.v_proj.weight[kv_rows + i, tok.start + i] = 1.0
+            attn.o_proj.weight[out.start + i, q_rows + i] = 1.0
+
+
 def make_config(args, tok):
     return {
         "architectures": ["LlamaForCausalLM"],
@@ -259,12 +342,12 @@ def make_config(args, tok):
         "head_dim": args.hidden // args.heads,
         "hidden_act": "silu",
         "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0,
+        "rope_theta": args.rope_theta,
         "rope_scaling": None,
         "max_position_embeddings": args.max_len,
         "attention_bias": False,
         "mlp_bias": False,
-        "tie_word_embeddings": True,
+        "tie_word_embeddings": not args.wire_induction,
         "initializer_range": 0.02,
         "bos_token_id": tok.token_to_id("<|bos|>"),
         "eos_token_id": tok.token_to_id("<|eos|>"),
@@ -594,6 +677,8 @@ def train(args):
     else:
         model = TinyLlama(cfg, args.dropout)
         init_weights(model, args.seed)
+        if args.wire_induction:
+            wire_induction(model, args.seed)
     model.to(args.device)
     # bfloat16 matmuls on a GPU; the CPU keeps float32, where the BLAS is fastest
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=args.device == "cuda")
@@ -687,6 +772,7 @@ def train(args):
             "time_budget_seconds": args.time_budget,
             "curriculum": args.curriculum,
             "initialized_from": args.init_from,
+            "wired_induction_start": args.wire_induction,
             "optimizer": f"AdamW lr {args.lr} betas (0.9, 0.95) wd 0.1, warmup {args.warmup}, cosine to 10%",
             "answer_loss_weight": args.answer_weight,
             "chat_fraction": args.chat_frac,
@@ -750,9 +836,16 @@ def main():
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--ffn", type=int, default=768)
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--max-len", type=int, default=4096, help="max_position_embeddings")
+    p.add_argument(
+        "--rope-theta",
+        type=float,
+        default=1e6,
+        help="RoPE base; a large one leaves more slowly turning dimensions for "
+        "matching content thousands of tokens apart",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument(
         "--device",
@@ -769,6 +862,12 @@ def main():
         type=float,
         default=0.0,
         help="residual dropout while training (the exported model has none)",
+    )
+    p.add_argument(
+        "--wire-induction",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="start layers 0-1 as an induction circuit (see wire_induction)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=10)

@@ -1,0 +1,75 @@
+"""The bundled demo model: it loads offline, generates, and copies from far back."""
+
+import os
+import subprocess
+import sys
+import unittest
+from pathlib import Path
+
+# Before mlx.core, so that this module run alone also gets the optimized BLAS.
+import mlx_lm  # isort: skip
+import mlx.core as mx
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "benchmarks"))
+
+import eval_long_context as harness  # noqa: E402
+
+from mlx_lm.generate import generate_step  # noqa: E402
+from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
+from mlx_lm.utils import DEMO_MODEL_PATH, load  # noqa: E402
+
+
+class TestDemoModel(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.model, cls.tokenizer = load(str(DEMO_MODEL_PATH))
+        # float32: the CPU's matrix products are many times faster than float16's
+        cls.model.set_dtype(mx.float32)
+
+    def test_command_line_uses_it_offline(self):
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        proc = subprocess.run(
+            [sys.executable, "-m", "mlx_lm.generate"]
+            + ["--prompt", "def read_config(path):", "--max-tokens", "12"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertIn("bundled demo model", proc.stderr)
+        self.assertIn("--model", proc.stderr)
+        self.assertRegex(proc.stdout, r"Generation: \d+ tokens")
+
+    def test_recalls_a_passkey_planted_1500_tokens_back(self):
+        stream = harness.heldout_stream(self.tokenizer)
+        # 2,048-token prompts with the plant at 10% and 25% depth: 1,500+ tokens back
+        cases = harness.make_needle_cases(
+            self.tokenizer, stream, [2048], [10, 25], 4, seed=7
+        )
+        hits = 0
+        for case in cases:
+            question_at = len(case.prompt)
+            plant = self.tokenizer.encode(
+                harness.corpus.PLANT.format(key=self.tokenizer.decode(case.answer)),
+                add_special_tokens=False,
+            )
+            start = next(
+                i
+                for i in range(len(case.prompt))
+                if case.prompt[i : i + len(plant)] == plant
+            )
+            self.assertGreaterEqual(question_at - start, 1500)
+            steps = generate_step(
+                mx.array(case.prompt),
+                self.model,
+                max_tokens=len(case.answer),
+                prompt_cache=make_prompt_cache(self.model),
+            )
+            hits += [tok for tok, _ in steps] == case.answer
+        self.assertGreaterEqual(hits, 7, f"{hits}/{len(cases)} passkeys recalled")
+
+
+if __name__ == "__main__":
+    unittest.main()
