@@ -16,7 +16,7 @@ sys.path.insert(0, str(HERE.parent / "benchmarks"))
 import eval_long_context as harness  # noqa: E402
 
 from mlx_lm.generate import generate_step  # noqa: E402
-from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
+from mlx_lm.models.cache import KVCacheConfig, make_prompt_cache  # noqa: E402
 from mlx_lm.utils import DEMO_MODEL_PATH, load  # noqa: E402
 
 
@@ -42,33 +42,51 @@ class TestDemoModel(unittest.TestCase):
         self.assertIn("--model", proc.stderr)
         self.assertRegex(proc.stdout, r"Generation: \d+ tokens")
 
-    def test_recalls_a_passkey_planted_1500_tokens_back(self):
-        stream = harness.heldout_stream(self.tokenizer)
-        # 2,048-token prompts with the plant at 10% and 25% depth: 1,500+ tokens back
+    @classmethod
+    def far_passkeys(cls):
+        """8 prompts of 2,048 tokens, the plant at 10% and 25% depth (1,500+ back)."""
+        stream = harness.heldout_stream(cls.tokenizer)
         cases = harness.make_needle_cases(
-            self.tokenizer, stream, [2048], [10, 25], 4, seed=7
+            cls.tokenizer, stream, [2048], [10, 25], 4, seed=7
         )
-        hits = 0
         for case in cases:
-            question_at = len(case.prompt)
-            plant = self.tokenizer.encode(
-                harness.corpus.PLANT.format(key=self.tokenizer.decode(case.answer)),
-                add_special_tokens=False,
+            key = cls.tokenizer.decode(case.answer)
+            plant = cls.tokenizer.encode(
+                harness.corpus.PLANT.format(key=key), add_special_tokens=False
             )
-            start = next(
+            at = next(
                 i
                 for i in range(len(case.prompt))
                 if case.prompt[i : i + len(plant)] == plant
             )
-            self.assertGreaterEqual(question_at - start, 1500)
+            assert len(case.prompt) - at >= 1500
+        return cases
+
+    def recalled(self, config=None):
+        """How many far passkeys greedy decoding gets right, and tokens evicted."""
+        hits, evicted = 0, 0
+        for case in self.far_passkeys():
+            cache = make_prompt_cache(self.model, config=config)
             steps = generate_step(
                 mx.array(case.prompt),
                 self.model,
                 max_tokens=len(case.answer),
-                prompt_cache=make_prompt_cache(self.model),
+                prompt_cache=cache,
+                kv_config=config,
             )
             hits += [tok for tok, _ in steps] == case.answer
-        self.assertGreaterEqual(hits, 7, f"{hits}/{len(cases)} passkeys recalled")
+            evicted += sum(harness.evicted_tokens(cache))
+        return hits, evicted
+
+    def test_recalls_a_passkey_planted_1500_tokens_back(self):
+        hits, evicted = self.recalled()
+        self.assertEqual(evicted, 0)
+        self.assertGreaterEqual(hits, 7, f"{hits}/8 passkeys recalled")
+
+    def test_default_compression_keeps_them_with_half_evicted(self):
+        hits, evicted = self.recalled(KVCacheConfig(compact_kv_budget=1024))
+        self.assertGreater(evicted, 0)
+        self.assertGreaterEqual(hits, 7, f"{hits}/8 passkeys recalled")
 
 
 if __name__ == "__main__":
