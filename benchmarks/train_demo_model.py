@@ -12,7 +12,7 @@ names and formats, so ``transformers`` and ``mlx_lm`` both load it.
 A fraction of the training sequences are synthetic long-range recall tasks
 (a ``# passkey: NNNNN`` line planted in the code, asked for at the end) and a
 fraction are chat-formatted, so that the model can copy from far back in its
-context and the chat template means something. Four attention heads start
+context and the chat template means something. Three attention heads start
 wired as an induction circuit (``wire_induction``), because from a random start
 that circuit forms later than an hour of CPU training reaches.
 
@@ -259,7 +259,8 @@ def wire_induction(model, seed):
     token back, feeding a head that finds the earlier occurrence of the current
     token and copies what followed it) forms only after a long plateau, longer
     than an hour of this CPU. So the residual stream is split into subspaces
-    and four heads get weights that implement it:
+    and three query heads (with the two KV heads they read) get weights
+    that implement it:
 
     - every embedding gets the same constant in the last dimension, and a
       random code for its token in the TOK dimensions;

@@ -26,6 +26,7 @@ class TestDemoModel(unittest.TestCase):
         cls.model, cls.tokenizer = load(str(DEMO_MODEL_PATH))
         # float32: the CPU's matrix products are many times faster than float16's
         cls.model.set_dtype(mx.float32)
+        cls.stream = harness.heldout_stream(cls.tokenizer)
 
     def test_command_line_uses_it_offline(self):
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
@@ -42,16 +43,14 @@ class TestDemoModel(unittest.TestCase):
         self.assertIn("--model", proc.stderr)
         self.assertRegex(proc.stdout, r"Generation: \d+ tokens")
 
-    @classmethod
-    def far_passkeys(cls):
+    def far_passkeys(self):
         """8 prompts of 2,048 tokens, the plant at 10% and 25% depth (1,500+ back)."""
-        stream = harness.heldout_stream(cls.tokenizer)
         cases = harness.make_needle_cases(
-            cls.tokenizer, stream, [2048], [10, 25], 4, seed=7
+            self.tokenizer, self.stream, [2048], [10, 25], 4, seed=7
         )
         for case in cases:
-            key = cls.tokenizer.decode(case.answer)
-            plant = cls.tokenizer.encode(
+            key = self.tokenizer.decode(case.answer)
+            plant = self.tokenizer.encode(
                 harness.corpus.PLANT.format(key=key), add_special_tokens=False
             )
             at = next(
@@ -59,7 +58,7 @@ class TestDemoModel(unittest.TestCase):
                 for i in range(len(case.prompt))
                 if case.prompt[i : i + len(plant)] == plant
             )
-            assert len(case.prompt) - at >= 1500
+            self.assertGreaterEqual(len(case.prompt) - at, 1500)
         return cases
 
     def recalled(self, config=None):
