@@ -14,6 +14,7 @@ Needs torch and transformers:  python benchmarks/make_hf_reference.py
 """
 
 import argparse
+import json
 import shutil
 from pathlib import Path
 
@@ -64,10 +65,29 @@ ARCHITECTURES = {
         transformers.MistralForCausalLM,
         dict(head_dim=24, sliding_window=None, tie_word_embeddings=False),
     ),
+    # Mistral 7B v0.1's shape: a sliding_window and no layer_types, so every
+    # layer is windowed.
+    "mistral_sliding": (
+        transformers.MistralConfig,
+        transformers.MistralForCausalLM,
+        dict(sliding_window=8, tie_word_embeddings=False),
+    ),
     "qwen2": (
         transformers.Qwen2Config,
         transformers.Qwen2ForCausalLM,
         dict(rope_theta=1000000.0, tie_word_embeddings=True),
+    ),
+    # use_sliding_window with max_window_layers=1: layer 1 is windowed.
+    "qwen2_sliding": (
+        transformers.Qwen2Config,
+        transformers.Qwen2ForCausalLM,
+        dict(
+            rope_theta=1000000.0,
+            tie_word_embeddings=True,
+            use_sliding_window=True,
+            sliding_window=8,
+            max_window_layers=1,
+        ),
     ),
     "qwen3": (
         transformers.Qwen3Config,
@@ -113,6 +133,24 @@ ARCHITECTURES = {
 }
 
 
+# Keys removed from a saved config.json: Qwen2 checkpoints written before
+# transformers knew layer_types only say use_sliding_window / max_window_layers.
+DROPPED_KEYS = {"qwen2_sliding": ["layer_types"]}
+
+# Each fixture's seed is the base seed plus its place here. New names go at the
+# end, so that rebuilding one never changes the weights of the others.
+SEED_ORDER = [
+    "gemma3_text",
+    "llama",
+    "mistral",
+    "phi3",
+    "qwen2",
+    "qwen3",
+    "mistral_sliding",
+    "qwen2_sliding",
+]
+
+
 def randomize(model: torch.nn.Module, gen: torch.Generator, gemma_norms: bool):
     """Replace the default (near-zero) init by weights that give lively logits.
 
@@ -148,6 +186,11 @@ def build(name: str, seed: int, tokens: np.ndarray, out_root: Path):
         shutil.rmtree(folder)
     model.half().save_pretrained(folder)
     (folder / "generation_config.json").unlink(missing_ok=True)
+    if name in DROPPED_KEYS:
+        saved = json.loads((folder / "config.json").read_text())
+        for key in DROPPED_KEYS[name]:
+            saved.pop(key, None)
+        (folder / "config.json").write_text(json.dumps(saved, indent=2) + "\n")
     np.save(folder / "tokens.npy", tokens.astype(np.int32))
     np.save(folder / "logits.npy", logits.float().numpy())
     print(f"{name}: logits {tuple(logits.shape)} -> {folder}")
@@ -166,8 +209,7 @@ def main():
     for name in args.names:
         if name not in ARCHITECTURES:
             raise ValueError(f"Unknown architecture {name!r}")
-        # A fixed per-name seed keeps a fixture stable when only some are rebuilt.
-        build(name, args.seed + sorted(ARCHITECTURES).index(name), tokens, args.out_dir)
+        build(name, args.seed + SEED_ORDER.index(name), tokens, args.out_dir)
 
 
 if __name__ == "__main__":

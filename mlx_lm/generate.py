@@ -83,13 +83,26 @@ def maybe_compact_kv_cache(prompt_cache, config: Optional[kv.KVCacheConfig] = No
     kv.compact_prompt_cache(prompt_cache)
 
 
+def _window_tokens(layer) -> Optional[int]:
+    """Most tokens a windowed layer holds; None for any other cache."""
+    if isinstance(layer, kv.RotatingKVCache):
+        return layer.max_size
+    if isinstance(layer, kv.SlidingWindowKVCache):
+        return layer.window_size
+    return None
+
+
 def _check_compressed(prompt_cache, config: kv.KVCacheConfig):
     layers = [
         (i, c)
         for i, c in enumerate(prompt_cache)
         if isinstance(c, kv.CompressedKVCache)
     ]
-    if not layers:
+    # A model whose every layer slides gets windows no wider than the budget
+    # (make_prompt_cache): nothing is left to compress.
+    windows = [_window_tokens(c) for c in prompt_cache]
+    narrow = [w is not None and w <= config.compact_kv_budget for w in windows]
+    if not layers and not (narrow and all(narrow)):
         raise ValueError(
             f"compact_kv_budget={config.compact_kv_budget} was requested but the "
             "prompt cache has no compressed layers; build it with "
@@ -287,6 +300,24 @@ def generate_step(
             y, logprobs = upcoming
 
 
+def _trim_rejected(cache: List[Any], n: int):
+    """Drop the ``n`` rejected proposals from every layer; a layer that cannot (a
+    ring that has wrapped, a window that evicted during the round) is an error,
+    never a cache still holding them."""
+    if n == 0:
+        return
+    if kv.can_trim_prompt_cache(cache):
+        refused = [i for i, c in enumerate(cache) if c.trim(n) != n]
+    else:
+        refused = [i for i, c in enumerate(cache) if not c.is_trimmable()]
+    if refused:
+        i = refused[0]
+        raise ValueError(
+            f"speculative decoding cannot drop {n} rejected tokens: layer {i} "
+            f"({type(cache[i]).__name__}) of the prompt cache refused the trim"
+        )
+
+
 def speculative_generate_step(
     prompt: mx.array,
     model: nn.Module,
@@ -400,13 +431,13 @@ def speculative_generate_step(
         yield main_toks[accepted], chosen_lp[accepted], False
         produced += accepted + 1
         # The main cache saw y + k proposals; keep y + accepted ones.
-        kv.trim_prompt_cache(main_cache, k - accepted)
+        _trim_rejected(main_cache, k - accepted)
         new_y = mx.array([main_toks[accepted]], history.dtype)
         if accepted == k and k > 0:
             # The draft never fed its last proposal: feed it with the next token.
             draft_input = mx.concatenate([proposals[-1], new_y])
         else:
-            kv.trim_prompt_cache(draft_cache, max(k - 1 - accepted, 0))
+            _trim_rejected(draft_cache, max(k - 1 - accepted, 0))
             draft_input = new_y
         history = mx.concatenate([history] + proposals[:accepted] + [new_y])
         # Only now, after the trims above, may the hooks evict: a round's trim
@@ -581,6 +612,12 @@ def _batch_cache(model, config: kv.KVCacheConfig, padding: List[int]) -> List[An
     if config.compact_kv_budget is None:
         return [kv.BatchKVCache(padding) for _ in model.layers]
     own = model.make_cache() if hasattr(model, "make_cache") else model.layers
+    if all(isinstance(layer, kv.RotatingKVCache) for layer in own):
+        raise ValueError(
+            f"compact_kv_budget={config.compact_kv_budget}: every layer of this model "
+            "has a sliding window of its own, which batch caches keep in full, so "
+            "batch_generate has no layer to compress"
+        )
     layers = []
     for layer in own:
         if isinstance(layer, kv.RotatingKVCache):

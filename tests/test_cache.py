@@ -242,7 +242,9 @@ class TestRotatingKVCache(unittest.TestCase):
     def check_schedule(self, max_size, keep, schedule, window_size=None):
         """Feed updates of the given sizes; check contents and masks."""
         cache = RotatingKVCache(max_size, keep=keep)
-        window = window_size or max_size
+        # A window of the layer's own also hides the kept tokens.
+        window = min(window_size or max_size, max_size)
+        own = window_size or float("inf")
         offset = 0
         for count in schedule:
             mask = cache.make_mask(count, window_size=window_size)
@@ -267,7 +269,7 @@ class TestRotatingKVCache(unittest.TestCase):
 
             # Masks against a reference built from the held positions.
             reference = [
-                [p <= q and (q - p < window or p < keep) for p in held]
+                [p <= q and (q - p < window or p < keep) and q - p < own for p in held]
                 for q in range(offset, offset + count)
             ]
             all_causal = all(
@@ -302,6 +304,7 @@ class TestRotatingKVCache(unittest.TestCase):
         for keep in (0, 2):
             self.check_schedule(8, keep, schedule)
             self.check_schedule(8, keep, schedule, window_size=4)
+            self.check_schedule(8, keep, schedule, window_size=12)
 
     def test_growth_is_capped_at_max_size(self):
         cache = self.check_schedule(300, 0, [1] * 310)

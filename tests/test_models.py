@@ -17,7 +17,9 @@ FIXTURES = Path(__file__).parent / "fixtures" / "hf_reference"
 REFERENCE_MODULES = {
     "llama": "llama",
     "mistral": "llama",
+    "mistral_sliding": "llama",
     "qwen2": "qwen2",
+    "qwen2_sliding": "qwen2",
     "qwen3": "qwen3",
     "gemma3_text": "gemma3_text",
     "phi3": "phi3",
@@ -48,6 +50,10 @@ TINY_CONFIGS = {
         },
     ),
     "mistral": dict(SMALL, model_type="mistral", tie_word_embeddings=False),
+    # Mistral 7B v0.1's shape: a sliding_window and no layer_types.
+    "mistral_sliding": dict(
+        SMALL, model_type="mistral", sliding_window=5, tie_word_embeddings=False
+    ),
     "llama_linear": dict(
         SMALL,
         model_type="llama",
@@ -339,6 +345,96 @@ class TestModelArgs(unittest.TestCase):
     def test_unsupported_rope_type(self):
         with self.assertRaisesRegex(ValueError, "wobbly"):
             rope_utils.initialize_rope(16, 10000.0, False, {"rope_type": "wobbly"})
+
+
+def windowed_logits(model, tokens, window):
+    """Logits of a Llama-family ``model`` with every layer masked to the last
+    ``window`` positions, whatever its config says."""
+    inner = model.model
+    h = inner.embed_tokens(tokens)
+    mask = base.create_causal_mask(tokens.shape[1], window_size=window)
+    for layer in inner.layers:
+        h = layer(h, mask)
+    h = inner.norm(h)
+    if model.args.tie_word_embeddings:
+        return inner.embed_tokens.as_linear(h)
+    return model.lm_head(h)
+
+
+class TestConfiguredWindows(unittest.TestCase):
+    """Where a config's sliding_window applies, as transformers decides it."""
+
+    def args(self, **config):
+        arch = module_for(config["model_type"])
+        return arch.ModelArgs.from_dict(dict(SMALL, **config))
+
+    def test_mistral_window_applies_to_every_layer(self):
+        from mlx_lm.generate import generate_step
+
+        config = dict(SMALL, model_type="mistral", sliding_window=8)
+        model = to_float32(build_model(config))
+        tokens = mx.array(np.random.default_rng(2).integers(0, 100, (1, 20)))
+        expected = windowed_logits(model, tokens, 8)
+        self.assertGreater(max_diff(expected, windowed_logits(model, tokens, 20)), 1e-3)
+        self.assertLess(max_diff(model(tokens), expected), 1e-4)
+
+        prompt_cache = cache.make_prompt_cache(model)
+        for layer in prompt_cache:
+            self.assertEqual((type(layer), layer.max_size), (cache.RotatingKVCache, 8))
+        steps = generate_step(
+            tokens[0], model, max_tokens=30, prompt_cache=prompt_cache
+        )
+        generated = [t for t, _ in steps]
+        for layer in prompt_cache:
+            self.assertEqual((layer.offset, layer.size()), (20 + 29, 8))
+        # The same tokens as the windowed model recomputed from scratch.
+        sequence = tokens[0].tolist()
+        for t in generated[:8]:
+            logits = windowed_logits(model, mx.array([sequence]), 8)
+            self.assertEqual(mx.argmax(logits[0, -1]).item(), t)
+            sequence.append(t)
+
+    def test_mistral_null_window_is_full_attention(self):
+        for window in ({}, {"sliding_window": None}):
+            args = self.args(model_type="mistral", **window)
+            self.assertEqual(args.layer_types, ["full_attention"] * 2)
+            model = module_for("mistral").Model(args)
+            self.assertFalse(hasattr(model, "make_cache"))
+        # layer_types naming sliding layers, but no window to slide.
+        args = self.args(
+            model_type="mistral", layer_types=["sliding_attention", "full_attention"]
+        )
+        self.assertEqual(args.layer_types, ["full_attention"] * 2)
+
+    def test_phi3_window_applies_to_every_layer(self):
+        args = self.args(model_type="phi3", sliding_window=6)
+        self.assertEqual(args.layer_types, ["sliding_attention"] * 2)
+
+    def test_qwen_window_needs_use_sliding_window(self):
+        for model_type in ("qwen2", "qwen3"):
+            with self.subTest(model_type):
+                # Qwen2.5's shape: a window given, but switched off.
+                args = self.args(
+                    model_type=model_type, sliding_window=4096, max_window_layers=1
+                )
+                self.assertIsNone(args.sliding_window)
+                self.assertEqual(args.layer_types, ["full_attention"] * 2)
+                # Switched on: the layers from max_window_layers on slide.
+                args = self.args(
+                    model_type=model_type,
+                    use_sliding_window=True,
+                    sliding_window=8,
+                    max_window_layers=1,
+                )
+                self.assertEqual(args.sliding_window, 8)
+                self.assertEqual(
+                    args.layer_types, ["full_attention", "sliding_attention"]
+                )
+                # transformers' default max_window_layers (28) keeps both full.
+                args = self.args(
+                    model_type=model_type, use_sliding_window=True, sliding_window=8
+                )
+                self.assertEqual(args.layer_types, ["full_attention"] * 2)
 
 
 class FakeQuantizedCache:

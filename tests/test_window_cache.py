@@ -10,9 +10,16 @@ from unittest import mock
 import mlx.core as mx
 from helpers import tiny_model, tiny_tokenizer, write_model_dir
 
-from mlx_lm.generate import generate, generate_step, main, speculative_generate_step
+from mlx_lm.generate import (
+    batch_generate,
+    generate,
+    generate_step,
+    main,
+    speculative_generate_step,
+)
 from mlx_lm.models.base import create_causal_mask, scaled_dot_product_attention
 from mlx_lm.models.cache import (
+    CompressedKVCache,
     KVCache,
     KVCacheConfig,
     QuantizedKVCache,
@@ -451,6 +458,124 @@ class TestModelsWithOwnCaches(unittest.TestCase):
         a = feed(model, base, TOKENS[:, 10:], [1] * 10 + [12] + [1] * 16)
         b = feed(model, quant, TOKENS[:, 10:], [1] * 10 + [12] + [1] * 16)
         self.assertTrue(mx.allclose(a, b, atol=0.1))
+
+    def test_every_layer_sliding(self):
+        # Mistral 7B v0.1's shape: every layer has a window of 8 of its own. A
+        # bound at least that wide changes nothing; a narrower one applies as a
+        # window of the newest tokens plus the ones the bound always keeps.
+        model = window_model(model_type="mistral", sliding_window=8)
+        cases = [
+            (dict(max_kv_size=16), 8, 0),
+            (dict(max_kv_size=6), 6, 4),
+            (dict(window_size=8), 8, 0),
+            (dict(window_size=6, window_strategy="fixed", window_prefix=1), 6, 1),
+            (dict(compact_kv_budget=16, compact_keep_recent=2), 8, 0),
+            (
+                dict(compact_kv_budget=6, compact_keep_recent=2, compact_sink_tokens=2),
+                6,
+                2,
+            ),
+        ]
+        for options, size, keep in cases:
+            with self.subTest(**options):
+                cache = make_prompt_cache(model, **options)
+                for c in cache:
+                    self.assertEqual(
+                        (type(c), c.max_size, c.keep), (RotatingKVCache, size, keep)
+                    )
+                out = list(
+                    generate_step(TOKENS[0, :20], model, max_tokens=12, **options)
+                )
+                self.assertEqual(len(out), 12)
+                cache = make_prompt_cache(model, **options)
+                list(
+                    generate_step(TOKENS[0, :20], model, prompt_cache=cache, **options)
+                )
+                self.assertTrue(all(c.size() <= size for c in cache))
+
+    def test_narrower_bound_keeps_the_model_window(self):
+        # max_kv_size 6 under a window of 8: each step sees the first 4 tokens
+        # while they are inside the window, and the newest 2.
+        model = window_model(model_type="mistral", sliding_window=8)
+        n = 20
+        query, key = mx.arange(n)[:, None], mx.arange(n)[None]
+        distance = query - key
+        seen = (distance >= 0) & (distance < 8) & ((key < 4) | (distance < 2))
+        expected = masked_logits(model, TOKENS[:, :n], seen)
+        cache = make_prompt_cache(model, max_kv_size=6)
+        out = feed(model, cache, TOKENS[:, :n], [1] * n)
+        self.assertTrue(mx.allclose(out, expected, atol=1e-4))
+        # Quantized on the way, the first 4 drop out of sight the same way.
+        cache = make_prompt_cache(model, max_kv_size=6)
+        head = feed(model, cache, TOKENS[:, :5], [1] * 5)
+        cache = [c.to_quantized(group_size=32, bits=8) for c in cache]
+        tail = feed(model, cache, TOKENS[:, 5:n], [1] * (n - 5))
+        out = mx.concatenate([head, tail], axis=1)
+        self.assertTrue(mx.allclose(out, expected, atol=0.1))
+
+    def test_narrower_bound_on_gemma3_sliding_layers(self):
+        model, _ = tiny_model(
+            seed=2,
+            model_type="gemma3_text",
+            vocab_size=VOCAB,
+            num_hidden_layers=4,
+            head_dim=HEAD_DIM,
+            query_pre_attn_scalar=32,
+            sliding_window=12,
+            sliding_window_pattern=2,
+        )
+        cache = make_prompt_cache(model, max_kv_size=8)
+        self.assertEqual([(c.max_size, c.keep) for c in cache], [(8, 4)] * 4)
+        cache = make_prompt_cache(model, compact_kv_budget=8, compact_keep_recent=2)
+        kinds = [type(c) for c in cache]
+        self.assertEqual(kinds, [RotatingKVCache, CompressedKVCache] * 2)
+        self.assertEqual((cache[0].max_size, cache[0].keep), (8, 0))
+        out = list(
+            generate_step(
+                TOKENS[0, :20],
+                model,
+                max_tokens=6,
+                compact_kv_budget=8,
+                compact_keep_recent=2,
+            )
+        )
+        self.assertEqual(len(out), 6)
+
+    def test_speculative_refuses_a_wrapped_ring(self):
+        # A ring past its window cannot drop rejected proposals: an error, never
+        # a cache that silently keeps them.
+        model = window_model(model_type="mistral", sliding_window=8)
+        draft = window_model(seed=2, model_type="mistral", sliding_window=8)
+        steps = speculative_generate_step(
+            TOKENS[0, :20], model, draft, max_tokens=30, num_draft_tokens=3
+        )
+        with self.assertRaisesRegex(
+            ValueError, r"\(RotatingKVCache\) of the prompt cache refused"
+        ):
+            list(steps)
+
+    def test_batch_compression_needs_a_layer_to_compress(self):
+        model = window_model(model_type="mistral", sliding_window=8)
+        with self.assertRaisesRegex(ValueError, "no layer to compress"):
+            batch_generate(
+                model,
+                tiny_tokenizer(),
+                [[1, 2, 3], [4, 5]],
+                max_tokens=2,
+                compact_kv_budget=16,
+                compact_keep_recent=2,
+            )
+
+
+def masked_logits(model, tokens, mask):
+    """Logits of a Llama-family ``model`` with ``mask`` [T, T] on every layer."""
+    h = model.model.embed_tokens(tokens)
+    for layer in model.model.layers:
+        h = layer(h, mask)
+    h = model.model.norm(h)
+    if model.args.tie_word_embeddings:
+        return model.model.embed_tokens.as_linear(h)
+    return model.lm_head(h)
 
 
 class TestStats(unittest.TestCase):

@@ -389,18 +389,24 @@ class RotatingKVCache(_BaseCache):
         return mx.where(slots < self.keep, slots, end - back)
 
     def make_mask(self, N: int, return_array: bool = False, window_size=None):
-        window = window_size or self.max_size
+        """``window_size`` is the layer's own window (the model's): it hides the
+        kept first tokens too once the queries are that far past them."""
+        ring = self.max_size if window_size is None else min(window_size, self.max_size)
         used, _ = self._layout_after(N)
+        end = self.offset + N
+        far_keep = window_size is not None and self.keep > 0 and end > window_size
         # Oldest non-kept slot is (used - keep - 1) tokens behind the newest.
-        unrestricted = used - self.keep <= window
+        unrestricted = used - self.keep <= ring and not far_keep
         if N == 1 and unrestricted:
             return None
         if N > 1 and unrestricted and not return_array:
             return "causal"
         positions = self._positions_after(N)[None]
-        queries = mx.arange(self.offset, self.offset + N)[:, None]
-        visible = (queries - positions < window) | (positions < self.keep)
-        return visible & (positions <= queries)
+        distance = mx.arange(self.offset, end)[:, None] - positions
+        visible = (distance < ring) | (positions < self.keep)
+        if window_size is not None:
+            visible = visible & (distance < window_size)
+        return visible & (distance >= 0)
 
     def empty(self) -> bool:
         return self.keys is None
@@ -1687,10 +1693,14 @@ def make_prompt_cache(
     """One cache per layer of ``model``, bounded as ``config`` (or the keyword
     options, see :class:`KVCacheConfig`) asks.
 
-    The model's own ``make_cache()`` is the starting point when it has one. Layers
-    with a window of their own (a ``RotatingKVCache`` from the model, such as
-    gemma3's local layers) keep it; every other layer gets the requested bound, so
-    ``max_kv_size`` is honoured for every model.
+    The model's own ``make_cache()`` is the starting point when it has one. A layer
+    with a window of its own (a ``RotatingKVCache`` from the model: gemma3's local
+    layers, Mistral's or Phi-3's ``sliding_window``) never holds more than that
+    window. A bound of at most as many tokens replaces it by a ``RotatingKVCache``
+    of the bound keeping the tokens the bound always keeps (the first 4 under
+    ``max_kv_size``, ``window_prefix``, ``compact_sink_tokens``) and the newest
+    ones; the model's mask still hides what lies outside its window. Every other
+    layer gets the requested bound, so ``max_kv_size`` is honoured for every model.
     """
     config = KVCacheConfig.from_options(config, max_kv_size=max_kv_size, **options)
     if hasattr(model, "make_cache"):
@@ -1699,16 +1709,38 @@ def make_prompt_cache(
         layers = [KVCache() for _ in model.layers]
     if not config.evicts:
         return layers
-    return [
-        layer if isinstance(layer, RotatingKVCache) else _bounded_cache(config)
-        for layer in layers
-    ]
+    return [_bounded_layer(layer, config) for layer in layers]
+
+
+# Tokens a max_kv_size cache keeps at the front, whatever it evicts.
+MAX_KV_KEEP = 4
+
+
+def _bound_tokens(config: "KVCacheConfig"):
+    """``(tokens, kept first)`` of the bound ``config`` sets."""
+    if config.max_kv_size is not None:
+        return config.max_kv_size, MAX_KV_KEEP
+    if config.compact_kv_budget is not None:
+        return config.compact_kv_budget, config.compact_sink_tokens
+    return config.window_size, config.window_prefix
+
+
+def _bounded_layer(layer, config: "KVCacheConfig"):
+    """``layer`` (from the model) bounded as ``config`` asks."""
+    if not isinstance(layer, RotatingKVCache):
+        return _bounded_cache(config)
+    # A window of the model's own: score-based eviction cannot keep its mask
+    # (slots stop matching positions), so a narrower bound keeps the newest.
+    tokens, keep = _bound_tokens(config)
+    if layer.max_size <= tokens:
+        return layer
+    return RotatingKVCache(tokens, keep=keep)
 
 
 def _bounded_cache(config: "KVCacheConfig"):
     """The cache for one layer without a window of its own, under ``config``."""
     if config.max_kv_size is not None:
-        return RotatingKVCache(config.max_kv_size, keep=4)
+        return RotatingKVCache(config.max_kv_size, keep=MAX_KV_KEEP)
     if config.compact_kv_budget is not None:
         return CompressedKVCache.from_config(config)
     if config.window_size is not None:

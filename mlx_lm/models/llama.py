@@ -41,8 +41,14 @@ class ModelArgs(BaseModelArgs):
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
-        if self.layer_types is None:
+        if self.sliding_window is None:
+            # Nothing to slide over: every layer attends to all tokens, as
+            # transformers does (Mistral 7B v0.2+ say sliding_window: null).
             self.layer_types = ["full_attention"] * self.num_hidden_layers
+        elif self.layer_types is None:
+            # A window without layer_types (Mistral 7B v0.1, Phi-3) windows
+            # every layer.
+            self.layer_types = ["sliding_attention"] * self.num_hidden_layers
         self.rope_theta, self.rope_scaling = unpack_rope_parameters(
             self.rope_parameters, self.rope_theta, self.rope_scaling
         )

@@ -5,13 +5,13 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import llama
+from . import llama, qwen2
 
 
 @dataclass
-class ModelArgs(llama.ModelArgs):
+class ModelArgs(qwen2.ModelArgs):
+    # Sliding windows as in Qwen2 (use_sliding_window, max_window_layers).
     max_position_embeddings: int = 40960
-    rope_theta: float = 1000000
 
 
 class Attention(llama.Attention):
