@@ -16,6 +16,7 @@ requirements = [
     "jinja2",
     "protobuf",
     "safetensors",
+    "gguf",
 ]
 
 setup(
