@@ -1,6 +1,7 @@
-"""Convert a Hugging Face checkpoint to an MLX model folder, optionally quantized.
+"""Convert a Hugging Face checkpoint or a GGUF file to an MLX model folder.
 
 Usage: ``mlx_lm.convert --hf-path <folder or repo> --mlx-path out [-q] [--dtype float16]``
+or ``mlx_lm.convert --gguf model.gguf --mlx-path out [-q]``.
 """
 
 import argparse
@@ -11,6 +12,7 @@ from typing import Optional, Union
 import mlx.core as mx
 from mlx.utils import tree_map
 
+from .gguf import convert_gguf
 from .utils import (
     QUANT_BITS,
     QUANT_GROUP_SIZES,
@@ -28,7 +30,7 @@ DTYPES = ("float16", "bfloat16", "float32")
 
 
 def convert(
-    hf_path: Union[str, Path],
+    hf_path: Optional[Union[str, Path]] = None,
     mlx_path: Union[str, Path] = "mlx_model",
     quantize: bool = False,
     q_group_size: int = 64,
@@ -36,12 +38,15 @@ def convert(
     dtype: Optional[str] = None,
     revision: Optional[str] = None,
     dequantize: bool = False,
+    gguf: Optional[Union[str, Path]] = None,
 ) -> Path:
-    """Write the model at ``hf_path`` to the new folder ``mlx_path``.
+    """Write the model at ``hf_path`` (or the GGUF file ``gguf``) to the new folder ``mlx_path``.
 
     Floating point weights are cast to ``dtype`` (default: the config's
-    ``torch_dtype``/``dtype`` when it is one of ``DTYPES``), then the model is
-    quantized (``quantize``) or dequantized (``dequantize``).  Returns ``mlx_path``.
+    ``torch_dtype``/``dtype`` when it is one of ``DTYPES``; float32 for GGUF),
+    then the model is quantized (``quantize``) or dequantized (``dequantize``).
+    GGUF tensors that are MLX affine codes stay as they are; ``quantize``
+    re-quantizes the others.  Returns ``mlx_path``.
     """
     mlx_path = Path(mlx_path)
     if mlx_path.exists():
@@ -54,6 +59,24 @@ def convert(
         check_quantization(q_group_size, q_bits)
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not one of {DTYPES}.")
+    if (hf_path is None) == (gguf is None):
+        raise ValueError("Give exactly one of hf_path and gguf.")
+    if gguf is not None:
+        if dequantize:
+            raise ValueError("dequantize does not apply to a GGUF file.")
+        if not Path(gguf).expanduser().is_file():
+            raise FileNotFoundError(f"No GGUF file at {gguf}")
+        print(f"[INFO] Reading {gguf}")
+        convert_gguf(
+            Path(gguf).expanduser(),
+            mlx_path,
+            quantize=quantize,
+            q_group_size=q_group_size,
+            q_bits=q_bits,
+            dtype=getattr(mx, dtype or "float32"),
+        )
+        print(f"[INFO] Saved to {mlx_path}")
+        return mlx_path
 
     model_path = get_model_path(hf_path, revision)
     print(f"[INFO] Loading {model_path}")
@@ -92,11 +115,14 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         description="Convert a Hugging Face model to MLX format."
     )
-    parser.add_argument(
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument(
         "--hf-path",
         "--model",
-        required=True,
         help="Local folder or Hugging Face repo id of the model.",
+    )
+    source.add_argument(
+        "--gguf", help="A GGUF file (llama.cpp's format) to convert instead."
     )
     parser.add_argument(
         "--mlx-path", default="mlx_model", help="Folder to create (must not exist)."
@@ -118,7 +144,8 @@ def main(argv=None):
         "--dtype",
         choices=DTYPES,
         default=None,
-        help="Type of the non-quantized weights (default: the config's torch_dtype).",
+        help="Type of the non-quantized weights (default: the config's "
+        "torch_dtype; float32 for --gguf).",
     )
     parser.add_argument(
         "-d", "--dequantize", action="store_true", help="Dequantize a quantized model."

@@ -18,6 +18,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from .gguf import is_gguf_path, load_gguf
+from .models.quantized_linear import add_prefill_path
 from .tokenizer_utils import TokenizerWrapper, load_tokenizer
 
 # config.json model_type values served by another architecture module.
@@ -206,6 +208,7 @@ def load_model(
             mode=quantization.get("mode", "affine"),
             class_predicate=should_quantize,
         )
+        add_prefill_path(model)
 
     model.eval()
     model.load_weights(list(weights.items()), strict=strict)
@@ -225,13 +228,18 @@ def load(
 ) -> Union[
     Tuple[nn.Module, TokenizerWrapper], Tuple[nn.Module, TokenizerWrapper, dict]
 ]:
-    """Load a model and its tokenizer from a local folder or a Hugging Face repo.
+    """Load a model and its tokenizer from a local folder, a GGUF file or a Hugging Face repo.
 
     Returns ``(model, tokenizer)``, or ``(model, tokenizer, config)`` with
     ``return_config``.
     """
     if adapter_path is not None:
         raise ValueError(f"adapter_path={adapter_path!r}: adapters are not supported.")
+    if is_gguf_path(path_or_hf_repo):
+        model, tokenizer, config = load_gguf(
+            Path(path_or_hf_repo).expanduser(), model_config, tokenizer_config
+        )
+        return (model, tokenizer, config) if return_config else (model, tokenizer)
     model_path = get_model_path(path_or_hf_repo, revision)
     model, config = load_model(model_path, lazy=lazy, model_config=model_config)
     tokenizer = load_tokenizer(
