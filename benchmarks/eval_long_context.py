@@ -148,6 +148,8 @@ def forced_logprobs(model, cache, config, tokens, n_scored, prefill_step, extend
     first = len(tokens) - n_scored - 1
     if first < 0 or n_scored < 1:
         raise ValueError(f"cannot score {n_scored} of {len(tokens)} tokens")
+    # As generate_step does: the quantization group is decided for the model.
+    config = config.for_model(model, cache)
     for start in range(0, first, prefill_step):
         model(tokens[None, start : min(start + prefill_step, first)], cache=cache)
         after_step(cache, config)

@@ -53,20 +53,22 @@ class GenerationResponse:
 
 
 def maybe_quantize_kv_cache(prompt_cache, quantized_kv_start, kv_group_size, kv_bits):
-    """Swap full-precision layers for quantized ones once they hold enough tokens."""
+    """Swap full-precision layers for quantized ones once they hold enough tokens.
+
+    ``kv_group_size`` is the model's group, decided once by
+    :meth:`~mlx_lm.models.cache.KVCacheConfig.for_model`: a layer converted on
+    an earlier step must meet the same group on every later one.
+    """
     if kv_bits is None:
         return
+    if kv_group_size is None:
+        raise ValueError(
+            f"kv_bits={kv_bits} needs a kv_group_size; "
+            "KVCacheConfig.for_model(model) decides it"
+        )
     for i, layer in enumerate(prompt_cache):
         if hasattr(layer, "to_quantized") and layer.offset >= quantized_kv_start:
-            keys = getattr(layer, "keys", None)
-            head_dim = keys.shape[-1] if isinstance(keys, mx.array) else None
-            group = kv_group_size or kv.default_kv_group_size(head_dim)
-            if head_dim is not None and head_dim % group:
-                raise ValueError(
-                    f"layer {i}: kv_group_size {group} does not divide the "
-                    f"head dimension {head_dim}"
-                )
-            prompt_cache[i] = layer.to_quantized(group_size=group, bits=kv_bits)
+            prompt_cache[i] = layer.to_quantized(group_size=kv_group_size, bits=kv_bits)
 
 
 def maybe_compact_kv_cache(prompt_cache, config: Optional[kv.KVCacheConfig] = None):
@@ -134,7 +136,15 @@ def cache_hook(
 
     Compaction comes first, then quantization. It is installed when ``config`` asks
     for it or ``prompt_cache`` (checked against ``config`` here) has compressed layers.
+    With ``kv_bits``, ``config`` must come from
+    :meth:`~mlx_lm.models.cache.KVCacheConfig.for_model` (or name a
+    ``kv_group_size``).
     """
+    if config.kv_bits is not None and config.kv_group_size is None:
+        raise ValueError(
+            f"kv_bits={config.kv_bits} needs a kv_group_size; "
+            "KVCacheConfig.for_model(model) decides it"
+        )
     steps = []
     compressed = any(isinstance(c, kv.CompressedKVCache) for c in prompt_cache or ())
     if config.compact_kv_budget is not None and prompt_cache is not None:
@@ -239,10 +249,11 @@ def generate_step(
     model. ``prompt_cache`` is updated in place when given; ``max_tokens=-1`` never
     stops. ``kv_bits`` switches each layer to a quantized cache once it holds
     ``quantized_kv_start`` tokens (defaults: from the start, in groups of 64, or 32
-    where 64 does not divide the head dimension). ``kv_config``
-    (:class:`~mlx_lm.models.cache.KVCacheConfig`) carries every cache option at once;
-    keyword options such as ``compact_kv_budget`` or ``window_size`` override its
-    fields.
+    where 64 does not divide the head dimension, or those of an already quantized
+    ``prompt_cache``; see :meth:`~mlx_lm.models.cache.KVCacheConfig.for_model`).
+    ``kv_config`` (:class:`~mlx_lm.models.cache.KVCacheConfig`) carries every cache
+    option at once; keyword options such as ``compact_kv_budget`` or
+    ``window_size`` override its fields.
     """
     if prompt.size == 0:
         raise ValueError("prompt must contain at least one token")
@@ -254,7 +265,7 @@ def generate_step(
         kv_group_size=kv_group_size,
         quantized_kv_start=quantized_kv_start,
         **cache_options,
-    )
+    ).for_model(model, prompt_cache)
     cache = _make_cache(model, prompt_cache, config)
     sampler = sampler or _greedy
     progress = prompt_progress_callback or (lambda done, total: None)
@@ -369,6 +380,9 @@ def speculative_generate_step(
                 f"model's ({n_main} + {len(draft_model.layers)}), got {len(prompt_cache)}"
             )
         main_cache, draft_cache = prompt_cache[:n_main], prompt_cache[n_main:]
+    # The two models may have heads of different widths: a group for each.
+    main_config = config.for_model(model, main_cache)
+    draft_config = config.for_model(draft_model, draft_cache)
     for c in main_cache + draft_cache:
         if not c.is_trimmable():
             raise ValueError(
@@ -378,8 +392,20 @@ def speculative_generate_step(
     progress = prompt_progress_callback or (lambda done, total: None)
     history = prompt
 
-    after_main = cache_hook(config, main_cache)
-    after_draft = cache_hook(config, draft_cache)
+    hook_main = cache_hook(main_config, main_cache)
+    hook_draft = cache_hook(draft_config, draft_cache)
+
+    # The hooks replace converted layers in main_cache / draft_cache; a
+    # caller's prompt_cache must hold those, not the layers they replaced.
+    def after_main(cache):
+        hook_main(cache)
+        if prompt_cache is not None:
+            prompt_cache[:n_main] = cache
+
+    def after_draft(cache):
+        hook_draft(cache)
+        if prompt_cache is not None:
+            prompt_cache[n_main:] = cache
 
     def sample(logits, tokens_so_far):
         if logits_processors:
@@ -625,12 +651,7 @@ def _batch_cache(model, config: kv.KVCacheConfig, padding: List[int]) -> List[An
             continue
         layer = kv.CompressedKVCache.from_config(config, left_padding=padding)
         if config.kv_bits is not None:
-            args = model.args
-            head_dim = getattr(args, "head_dim", None) or (
-                args.hidden_size // args.num_attention_heads
-            )
-            group = config.kv_group_size or kv.default_kv_group_size(head_dim)
-            layer = layer.to_quantized(group, config.kv_bits)
+            layer = layer.to_quantized(config.kv_group_size, config.kv_bits)
         layers.append(layer)
     return layers
 
@@ -670,7 +691,7 @@ def batch_generate(
             f"max_tokens has {len(limits)} entries for {len(prompts)} prompts"
         )
     prefill_step_size = _prefill_step(prefill_step_size)
-    config = _kv_config(kv_config, **cache_options)
+    config = _kv_config(kv_config, **cache_options).for_model(model)
     unsupported = [
         f"{name}={getattr(config, name)}"
         for name in ("max_kv_size", "window_size")
@@ -853,7 +874,8 @@ def add_kv_cache_arguments(p: argparse.ArgumentParser):
         "--kv-group-size",
         type=int,
         default=defaults.kv_group_size,
-        help="Quantization group size (default: 64, or 32 for heads narrower than 64)",
+        help="Quantization group size (default: 64, or 32 where 64 does not divide "
+        "the head dimension, such as 32 or 96)",
     )
     g.add_argument(
         "--quantized-kv-start",

@@ -685,6 +685,14 @@ class GenerationWorker:
     def _run(self, job: Job):
         request = job.request
         model, tokenizer = self.models.get(request.model_id)
+        # The quantization group is decided here, once for this model, so that
+        # a reused cache and this request's conversions agree on it.
+        try:
+            kv_config = request.kv_config.for_model(model)
+        except ValueError as e:
+            raise APIError(
+                400, str(e), param="kv_group_size", code="invalid_kv_cache_option"
+            )
         prompt = encode_prompt(request, tokenizer)
         if request.logit_bias and max(request.logit_bias) >= len(tokenizer):
             raise APIError(400, "logit_bias names a token outside the vocabulary")
@@ -698,13 +706,11 @@ class GenerationWorker:
         )
 
         previous, self._reusable = self._reusable, None
-        cache, cached = reuse_cache(
-            previous, request.model_id, request.kv_config, prompt
-        )
+        cache, cached = reuse_cache(previous, request.model_id, kv_config, prompt)
         del previous
         if cache is None:
             mx.clear_cache()
-            cache = make_prompt_cache(model, config=request.kv_config)
+            cache = make_prompt_cache(model, config=kv_config)
         if processors and cached:
             head = mx.array(
                 prompt[max(0, cached - request.repetition_context_size) : cached]
@@ -726,7 +732,7 @@ class GenerationWorker:
             sampler=sampler,
             logits_processors=processors,
             prompt_cache=cache,
-            kv_config=request.kv_config,
+            kv_config=kv_config,
             prefill_step_size=self.prefill_step_size,
             prompt_progress_callback=check_cancel,
         )
@@ -766,14 +772,12 @@ class GenerationWorker:
             if tail or held:
                 job.emit("delta", {"text": tail, "logprobs": held})
 
-        report = cache_report(request.kv_config, cache)
+        report = cache_report(kv_config, cache)
         offsets = {c.offset for c in cache}
         if len(offsets) == 1:
             history = (prompt + generated)[: offsets.pop()]
             mx.eval([c.state for c in cache])
-            self._reusable = _Reusable(
-                request.model_id, request.kv_config, history, cache
-            )
+            self._reusable = _Reusable(request.model_id, kv_config, history, cache)
         job.emit(
             "done",
             {

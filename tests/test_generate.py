@@ -12,12 +12,15 @@ from helpers import tiny_model, tiny_tokenizer, write_model_dir
 
 from mlx_lm import batch_generate, generate, stream_generate
 from mlx_lm.generate import (
+    cache_hook,
     default_prefill_step_size,
     generate_step,
     main,
+    maybe_quantize_kv_cache,
     speculative_generate_step,
 )
 from mlx_lm.models.cache import (
+    KVCacheConfig,
     QuantizedKVCache,
     load_prompt_cache,
     make_prompt_cache,
@@ -137,8 +140,18 @@ class TestGenerateStep(unittest.TestCase):
                 pass
 
     def test_quantized_kv_start_delays_quantization(self):
-        cache = make_prompt_cache(self.model)
-        self.greedy(n=2, prompt_cache=cache, kv_bits=4, quantized_kv_start=10_000)
+        # head_dim 32: the 16 wide heads of self.model cannot be quantized.
+        model, _ = tiny_model(seed=1, hidden_size=128)
+        cache = make_prompt_cache(model)
+        for _ in generate_step(
+            mx.array(self.prompt),
+            model,
+            max_tokens=2,
+            prompt_cache=cache,
+            kv_bits=4,
+            quantized_kv_start=10_000,
+        ):
+            pass
         self.assertFalse(any(isinstance(c, QuantizedKVCache) for c in cache))
 
     def test_bad_arguments(self):
@@ -269,6 +282,155 @@ class TestStreamAndBatch(unittest.TestCase):
         self.assertEqual([len(t) for t in result.token_ids], [2, 5])
         with self.assertRaisesRegex(ValueError, "max_tokens"):
             batch_generate(self.model, self.tokenizer, prompts, max_tokens=[1])
+
+
+# Every way of bounding the cache, each of which converts layers on its own.
+BOUNDS = [
+    dict(max_kv_size=8),
+    dict(compact_kv_budget=8, compact_keep_recent=2),
+    dict(window_size=8),
+]
+
+
+def quantized_groups(cache):
+    return {c.group_size for c in cache if hasattr(c, "bits")}
+
+
+class TestKVGroupSize(unittest.TestCase):
+    """kv_bits with every bound, for heads 64 does not divide (Phi-3's are 96)."""
+
+    @classmethod
+    def setUpClass(cls):
+        # hidden_size / 4 heads: head_dim 32, 96 and 64.
+        cls.models = {
+            hd: tiny_model(seed=1, vocab_size=64, hidden_size=4 * hd)[0]
+            for hd in (32, 96, 64)
+        }
+        cls.prompt = mx.arange(3, 23)
+
+    def test_every_bound_and_head_width(self):
+        for head_dim, expected in ((32, 32), (96, 32), (64, 64)):
+            for bound in BOUNDS:
+                with self.subTest(head_dim=head_dim, **bound):
+                    model = self.models[head_dim]
+                    cache = make_prompt_cache(model, **bound)
+                    steps = generate_step(
+                        self.prompt,
+                        model,
+                        max_tokens=6,
+                        prompt_cache=cache,
+                        kv_bits=4,
+                        prefill_step_size=8,
+                        **bound,
+                    )
+                    self.assertEqual(len(list(steps)), 6)
+                    self.assertEqual(len(quantized_groups(cache)), 1)
+                    self.assertEqual(quantized_groups(cache), {expected})
+                    self.assertTrue(all(hasattr(c, "bits") for c in cache))
+
+    def test_stream_generate(self):
+        tokenizer = tiny_tokenizer()
+        for bound in BOUNDS:
+            with self.subTest(**bound):
+                responses = stream_generate(
+                    self.models[96],
+                    tokenizer,
+                    self.prompt,
+                    max_tokens=4,
+                    kv_bits=4,
+                    **bound,
+                )
+                self.assertEqual(len(list(responses)), 4)
+
+    def test_group_must_divide_the_heads(self):
+        # Refused before the first token: asked for, or no group fits at all.
+        narrow, _ = tiny_model(seed=1, vocab_size=64)
+        for model, group, head_dim in ((self.models[96], 64, 96), (narrow, None, 16)):
+            with self.subTest(head_dim=head_dim):
+                steps = generate_step(
+                    self.prompt,
+                    model,
+                    kv_bits=4,
+                    kv_group_size=group,
+                    max_kv_size=8,
+                    quantized_kv_start=10_000,
+                )
+                message = (
+                    f"kv_group_size 64 does not divide the head dimension {head_dim}"
+                )
+                with self.assertRaisesRegex(ValueError, message):
+                    next(steps)
+        # Without the model, nothing decides the group: asking is an error.
+        with self.assertRaisesRegex(ValueError, "needs a kv_group_size"):
+            maybe_quantize_kv_cache(make_prompt_cache(narrow), 0, None, 4)
+        with self.assertRaisesRegex(ValueError, "needs a kv_group_size"):
+            cache_hook(KVCacheConfig(kv_bits=4), make_prompt_cache(narrow))
+
+    def test_speculative_decides_per_model(self):
+        # Main heads 64 wide, draft heads 32: each model gets its own group.
+        main_model, draft = self.models[64], self.models[32]
+        for bound in (dict(max_kv_size=12), dict(window_size=12)):
+            with self.subTest(**bound):
+                cache = make_prompt_cache(main_model, **bound)
+                cache += make_prompt_cache(draft, **bound)
+                steps = speculative_generate_step(
+                    self.prompt[:10],
+                    main_model,
+                    draft,
+                    max_tokens=4,
+                    prompt_cache=cache,
+                    kv_bits=8,
+                    **bound,
+                )
+                self.assertEqual(len(list(steps)), 4)
+                n = len(main_model.layers)
+                self.assertEqual(quantized_groups(cache[:n]), {64})
+                self.assertEqual(quantized_groups(cache[n:]), {32})
+
+    def test_batch_generate(self):
+        responses = batch_generate(
+            self.models[96],
+            tiny_tokenizer(),
+            [[3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [5, 6, 7]],
+            max_tokens=3,
+            kv_bits=4,
+            compact_kv_budget=8,
+            compact_keep_recent=2,
+            return_prompt_caches=True,
+        )
+        self.assertEqual(len(responses.texts), 2)
+
+    def test_prompt_cache_file(self):
+        # Saved quantized with a group of 32 although the heads allow 64: the
+        # continuation keeps the file's group.
+        model = self.models[64]
+        for bound in BOUNDS:
+            with self.subTest(**bound):
+                cache = make_prompt_cache(model, **bound)
+                steps = generate_step(
+                    self.prompt,
+                    model,
+                    max_tokens=0,
+                    prompt_cache=cache,
+                    kv_bits=4,
+                    kv_group_size=32,
+                    **bound,
+                )
+                list(steps)
+                with tempfile.TemporaryDirectory() as d:
+                    path = os.path.join(d, "cache.safetensors")
+                    save_prompt_cache(path, cache)
+                    loaded = load_prompt_cache(path)
+                steps = generate_step(
+                    mx.arange(30, 40),
+                    model,
+                    max_tokens=4,
+                    prompt_cache=loaded,
+                    kv_bits=4,
+                    **bound,
+                )
+                self.assertEqual(len(list(steps)), 4)
+                self.assertEqual(quantized_groups(loaded), {32})
 
 
 class TestPromptCacheResume(unittest.TestCase):

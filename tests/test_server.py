@@ -812,6 +812,58 @@ class TestAllowedModels(unittest.TestCase):
             self.client.completions.create(model=TMP.name, prompt="hi")
 
 
+class TestKVGroupPerModel(unittest.TestCase):
+    """kv_bits under every bound, for a served model whose heads 64 does not
+    divide (96 wide, as Phi-3's) next to one whose heads it does."""
+
+    @classmethod
+    def setUpClass(cls):
+        wide, config = tiny_model(seed=9, head_dim=96)
+        cls.wide_dir = str(write_model_dir(Path(TMP.name) / "wide", wide, config))
+        cls.server = start_server("--allowed-models", cls.wide_dir)
+        port = cls.server.server_address[1]
+        cls.client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0
+        )
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.client.close()
+        stop_server(cls.server)
+
+    def test_every_bound(self):
+        bounds = [
+            {"max_kv_size": 16},
+            {"compact_kv_budget": 16, "compact_keep_recent": 4},
+            {"window_size": 16},
+        ]
+        for bound in bounds:
+            for model, group in ((self.wide_dir, 32), (MODEL_DIR, 64)):
+                with self.subTest(model=model, **bound):
+                    # The second request reuses the first one's cache.
+                    for prompt in (LONG_TEXT, LONG_TEXT + " again"):
+                        r = self.client.completions.create(
+                            model=model,
+                            prompt=prompt,
+                            max_tokens=3,
+                            extra_body={"kv_bits": 4, **bound},
+                        )
+                        report = r.model_extra["kv_cache"]
+                        self.assertEqual(report["kv_group_size"], group)
+                        self.assertGreater(report["tokens_evicted"], 0)
+
+    def test_group_that_does_not_divide_the_heads(self):
+        with self.assertRaises(openai.BadRequestError) as ctx:
+            self.client.completions.create(
+                model=self.wide_dir,
+                prompt="hi",
+                max_tokens=2,
+                extra_body={"kv_bits": 4, "kv_group_size": 64},
+            )
+        self.assertEqual(ctx.exception.body["param"], "kv_group_size")
+        self.assertIn("head dimension 96", ctx.exception.body["message"])
+
+
 class TestStopScanner(unittest.TestCase):
     def test_holds_back_partial_matches(self):
         scanner = StopScanner(["</end>", "STOP"])

@@ -10,7 +10,7 @@ multiple of ``step``) so that appending ``n`` tokens one at a time costs
 import copy
 import os
 import uuid
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Dict, List, Optional
 
 import mlx.core as mx
@@ -1932,11 +1932,23 @@ KV_GROUP_SIZES = (32, 64, 128)
 
 
 def default_kv_group_size(head_dim: Optional[int]) -> int:
-    """The quantization group used when none is asked for: 64, or 32 for heads
-    narrower than 64 (the bundled demo model's are 32 wide)."""
+    """The quantization group used when none is asked for: 64, or 32 where 64
+    does not divide the head dimension (32 wide heads as in the bundled demo
+    model, 96 wide as in Phi-3)."""
     if head_dim is not None and head_dim % 64 and head_dim % 32 == 0:
         return 32
     return 64
+
+
+def model_head_dim(model) -> Optional[int]:
+    """Width of one attention head of ``model``, from its arguments (None when
+    they do not say)."""
+    args = getattr(model, "args", None)
+    head_dim = getattr(args, "head_dim", None)
+    heads = getattr(args, "num_attention_heads", None)
+    if head_dim is None and heads:
+        head_dim = args.hidden_size // heads
+    return head_dim
 
 
 def _check_int(name, value, low, optional=False):
@@ -1993,7 +2005,7 @@ class KVCacheConfig:
 
     max_kv_size: Optional[int] = None
     kv_bits: Optional[int] = None
-    # None: 64, or 32 where 64 does not divide the head dimension (default_kv_group_size).
+    # None: decided per model by for_model (default_kv_group_size of its heads).
     kv_group_size: Optional[int] = None
     quantized_kv_start: int = 0
     compact_kv_budget: Optional[int] = None
@@ -2058,6 +2070,32 @@ class KVCacheConfig:
             v is not None
             for v in (self.max_kv_size, self.compact_kv_budget, self.window_size)
         )
+
+    def for_model(self, model, prompt_cache=None) -> "KVCacheConfig":
+        """This config with ``kv_group_size`` decided for ``model`` when
+        ``kv_bits`` is set: the one asked for, else the group of an already
+        quantized ``prompt_cache`` layer, else :func:`default_kv_group_size` of
+        the model's heads. Every cache of the model and every conversion to
+        quantized storage then uses that one group; a group that does not
+        divide the heads is a ``ValueError``."""
+        if self.kv_bits is None:
+            return self
+        group = self.kv_group_size
+        if group is None:
+            quantized = [c for c in prompt_cache or () if hasattr(c, "bits")]
+            if quantized:
+                group = quantized[0].group_size
+        head_dim = model_head_dim(model)
+        if group is None:
+            group = default_kv_group_size(head_dim)
+        if head_dim is not None and head_dim % group:
+            raise ValueError(
+                f"kv_group_size {group} does not divide the head dimension "
+                f"{head_dim} (kv_group_size is one of {list(KV_GROUP_SIZES)})"
+            )
+        if group == self.kv_group_size:
+            return self
+        return replace(self, kv_group_size=group)
 
     @classmethod
     def from_options(cls, base: Optional["KVCacheConfig"] = None, **options):
