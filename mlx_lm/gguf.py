@@ -12,8 +12,10 @@ Config and tokenizer come from the file's metadata; the tokenizer is built by
 transformers' GGUF support.
 """
 
-import json
+import hashlib
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Dict, Optional, Tuple, Union
 
@@ -69,6 +71,11 @@ TOP_TENSORS = {
 
 # Tensors that carry RoPE settings rather than weights.
 ROPE_TENSORS = ("rope_freqs", "rope_factors_long", "rope_factors_short")
+
+TOKENIZER_CACHE = (
+    Path(os.environ.get("MLX_LM_CACHE", "~/.cache/mlx_lm")).expanduser()
+    / "gguf-tokenizers"
+)
 
 # Elements decoded per read; bounds the temporary memory of a load.
 CHUNK_ELEMENTS = 1 << 22
@@ -490,28 +497,51 @@ def build_model(config: dict, weights: Dict[str, mx.array], layers: Dict[str, di
         add_prefill_path(model)
     model.eval()
     model.load_weights(list(weights.items()), strict=True)
+    mx.eval(model.parameters())
     return model
+
+
+def tokenizer_folder(path: Union[str, Path]) -> Path:
+    """A folder holding the file's tokenizer in Hugging Face form.
+
+    transformers builds it from the metadata once (seconds for a large
+    vocabulary); the result is kept under ``TOKENIZER_CACHE``, keyed by the
+    file's path, size and modification time.  Where that cannot be written a
+    temporary folder is used.
+    """
+    from transformers import AutoTokenizer
+
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = hashlib.sha256(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    folder = TOKENIZER_CACHE / key.hexdigest()[:24]
+    if (folder / "tokenizer.json").is_file():
+        return folder
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    try:
+        TOKENIZER_CACHE.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(dir=TOKENIZER_CACHE))
+    except OSError:
+        partial = folder = Path(tempfile.mkdtemp())
+    tokenizer.save_pretrained(str(partial))
+    if partial != folder:
+        try:
+            os.replace(partial, folder)
+        except OSError:  # another process cached it first
+            shutil.rmtree(partial, ignore_errors=True)
+    return folder
 
 
 def load_gguf_tokenizer(
     path: Union[str, Path], eos_token_ids=None, tokenizer_config=None
 ):
-    """A TokenizerWrapper built from the file's tokenizer metadata.
+    """A TokenizerWrapper for the file's tokenizer metadata (see ``tokenizer_folder``).
 
     ``tokenizer_config`` holds extra keyword arguments for transformers.
     """
-    from transformers import AutoTokenizer
+    from .tokenizer_utils import load_tokenizer
 
-    from .tokenizer_utils import TokenizerWrapper, _pick_detokenizer
-
-    path = Path(path)
-    tokenizer = AutoTokenizer.from_pretrained(
-        str(path.parent), gguf_file=path.name, **(tokenizer_config or {})
-    )
-    tokenizer_json = json.loads(tokenizer.backend_tokenizer.to_str())
-    return TokenizerWrapper(
-        tokenizer, _pick_detokenizer(tokenizer_json), eos_token_ids=eos_token_ids
-    )
+    return load_tokenizer(tokenizer_folder(path), tokenizer_config, eos_token_ids)
 
 
 def load_gguf(
@@ -560,12 +590,11 @@ def convert_gguf(
     Layers kept in their GGUF codes stay as they are; with ``quantize`` the
     layers that had to be dequantized are quantized to ``q_bits``.
     """
-    from .utils import save_config, save_model
+    from .utils import copy_tokenizer_files, save_config, save_model
 
     mlx_path = Path(mlx_path)
     gf = GGUFFile(gguf_path)
     config = gguf_config(gf)
-    tokenizer = load_gguf_tokenizer(gguf_path, config.get("eos_token_id"))
     weights, layers = gguf_weights(gf, config, dtype)
     model = build_model(config, weights, layers)
     del weights
@@ -587,5 +616,5 @@ def convert_gguf(
         config["quantization"] = quantization
     save_model(mlx_path, model)
     save_config(config, mlx_path / "config.json")
-    tokenizer._tokenizer.save_pretrained(str(mlx_path))
+    copy_tokenizer_files(tokenizer_folder(gguf_path), mlx_path)
     return mlx_path
