@@ -1,7 +1,9 @@
 """Reading GGUF files (llama.cpp's format) into MLX models.
 
-The file is parsed by the ``gguf`` package, llama.cpp's own reader.  Tensors
-whose GGUF blocks are exactly an affine code over 32 values (Q4_0, Q4_1, Q5_0,
+The header is parsed here (one pass over the metadata, so a 262k-token
+vocabulary takes a fraction of a second); block layouts and dequantization come
+from the ``gguf`` package, llama.cpp's own Python library.  Tensors whose GGUF
+blocks are exactly an affine code over 32 values (Q4_0, Q4_1, Q5_0,
 Q5_1, Q8_0, Q4_K, Q5_K) become MLX affine quantized weights with the same
 codes, scales and offsets; every other type is dequantized by ``gguf`` to
 ``dtype``.  Tensors are read one row chunk at a time with plain file reads and
@@ -13,11 +15,13 @@ transformers' GGUF support.
 """
 
 import hashlib
+import mmap
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, NamedTuple, Optional, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -141,30 +145,120 @@ def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
     return np.packbits(stream, axis=-1, bitorder="little").view(np.uint32)
 
 
+# GGUF metadata value types with a fixed width, as struct formats.
+SCALAR_FORMATS = {
+    0: "B",
+    1: "b",
+    2: "H",
+    3: "h",
+    4: "I",
+    5: "i",
+    6: "f",
+    7: "?",
+    10: "Q",
+    11: "q",
+    12: "d",
+}
+STRING, ARRAY = 8, 9
+
+
+class TensorInfo(NamedTuple):
+    name: str
+    shape: Tuple[int, ...]  # GGUF order: fastest dimension first
+    tensor_type: object  # gguf.GGMLQuantizationType
+    data_offset: int  # absolute, in bytes
+    n_bytes: int
+
+
+class HeaderReader:
+    """Sequential little-endian reads over a memory-mapped GGUF header."""
+
+    def __init__(self, buffer):
+        self.buffer, self.pos = buffer, 0
+
+    def take(self, fmt: str):
+        values = struct.unpack_from("<" + fmt, self.buffer, self.pos)
+        self.pos += struct.calcsize("<" + fmt)
+        return values if len(values) > 1 else values[0]
+
+    def string(self) -> str:
+        length = self.take("Q")
+        if self.pos + length > len(self.buffer):
+            raise ValueError(f"a string of {length} bytes runs past the end")
+        text = bytes(self.buffer[self.pos : self.pos + length])
+        self.pos += length
+        return text.decode("utf-8", errors="replace")
+
+    def value(self, kind: int):
+        if kind == STRING:
+            return self.string()
+        if kind == ARRAY:
+            item_kind, count = self.take("IQ")
+            if item_kind == STRING:
+                return [self.string() for _ in range(count)]
+            fmt = SCALAR_FORMATS[item_kind]
+            width = struct.calcsize(fmt)
+            if self.pos + count * width > len(self.buffer):
+                raise ValueError(f"an array of {count} values runs past the end")
+            items = np.frombuffer(self.buffer, "<" + fmt, count, self.pos)
+            self.pos += count * width
+            return items.tolist()
+        return self.take(SCALAR_FORMATS[kind])
+
+
+def read_header(path: Path):
+    """(metadata dict, {name: TensorInfo}) of a GGUF file, reading no tensor data."""
+    sizes, qtypes = _constants()
+    with open(path, "rb") as f:
+        buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        r = HeaderReader(buffer)
+        if r.take("4s") != b"GGUF":
+            raise ValueError("it does not start with the GGUF magic")
+        version, n_tensors, n_fields = r.take("IQQ")
+        if version not in (2, 3):
+            raise ValueError(f"GGUF version {version} (2 and 3 are read)")
+        fields = {}
+        for _ in range(n_fields):
+            key = r.string()
+            fields[key] = r.value(r.take("I"))
+        entries = []
+        for _ in range(n_tensors):
+            name = r.string()
+            shape = r.take(f"{r.take('I')}Q")
+            shape = shape if isinstance(shape, tuple) else (shape,)
+            kind, offset = r.take("IQ")
+            entries.append((name, shape, qtypes(kind), offset))
+        alignment = int(fields.get("general.alignment", 32))
+        data_start = -(-r.pos // alignment) * alignment
+    finally:
+        buffer.close()
+    tensors = {}
+    for name, shape, kind, offset in entries:
+        block, block_bytes = sizes[kind]
+        n_bytes = int(np.prod(shape)) // block * block_bytes
+        tensors[name] = TensorInfo(name, shape, kind, data_start + offset, n_bytes)
+    return fields, tensors
+
+
 class GGUFFile:
     """One GGUF file: its metadata, its tensors' layout, and readers for them."""
 
     def __init__(self, path: Union[str, Path]):
-        from gguf import GGUFReader
-
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"No GGUF file at {self.path}")
         try:
-            self.reader = GGUFReader(str(self.path))
+            self.fields, self.tensors = read_header(self.path)
         except Exception as err:
             raise ValueError(
                 f"{self.path} is not a readable GGUF file ({type(err).__name__}: {err})"
             ) from None
-        self.tensors = {t.name: t for t in self.reader.tensors}
         self.architecture = self.field("general.architecture")
         self._check()
 
     def field(self, key: str, default=None):
-        field = self.reader.fields.get(key)
-        if field is None:
-            return default
-        return field.contents()
+        return self.fields.get(key, default)
 
     def arch_field(self, key: str, default=None):
         return self.field(f"{self.architecture}.{key}", default)
@@ -180,7 +274,7 @@ class GGUFFile:
 
         sizes, _ = _constants()
         end, checked = 0, set()
-        for t in self.reader.tensors:
+        for t in self.tensors.values():
             if t.tensor_type not in checked:
                 try:
                     dequantize(
@@ -330,8 +424,8 @@ def gguf_config(gf: GGUFFile) -> dict:
     arch = gf.architecture
     heads = int(gf.arch_field("attention.head_count"))
     hidden = int(gf.arch_field("embedding_length"))
-    tokens = gf.reader.fields.get("tokenizer.ggml.tokens")
-    vocab = gf.arch_field("vocab_size") or (len(tokens.data) if tokens else None)
+    tokens = gf.field("tokenizer.ggml.tokens")
+    vocab = gf.arch_field("vocab_size") or (len(tokens) if tokens else None)
     if vocab is None:
         vocab = gf.shape("token_embd.weight")[0]
     head_dim = gf.arch_field("attention.key_length") or hidden // heads
@@ -501,23 +595,70 @@ def build_model(config: dict, weights: Dict[str, mx.array], layers: Dict[str, di
     return model
 
 
-def tokenizer_folder(path: Union[str, Path]) -> Path:
+# Special tokens transformers names, and the metadata keys holding their ids.
+SPECIAL_TOKENS = {
+    "bos_token": "bos_token_id",
+    "eos_token": "eos_token_id",
+    "unk_token": "unknown_token_id",
+    "pad_token": "padding_token_id",
+}
+
+
+def hf_tokenizer(gf: GGUFFile):
+    """The file's tokenizer as a transformers fast tokenizer.
+
+    The metadata is read by ``gf``; transformers' GGUF converters turn it into
+    a ``tokenizers`` backend.  Releases of transformers without those
+    converters fall back to its own GGUF path, which needs torch.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    try:
+        from transformers.integrations.gguf import (
+            GGUF_TOKENIZER_MAPPING,
+            convert_gguf_tokenizer,
+        )
+    except ImportError:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(
+            str(gf.path.parent), gguf_file=gf.path.name
+        )
+
+    groups = {
+        group: {
+            name: gf.field(f"tokenizer.{key}")
+            for key, name in renames.items()
+            if f"tokenizer.{key}" in gf.fields
+        }
+        for group, renames in GGUF_TOKENIZER_MAPPING.items()
+    }
+    vocabulary, init_kwargs = groups["tokenizer"], groups["tokenizer_config"]
+    if vocabulary.get("tokenizer_type") == "llama":
+        # llama.cpp adds BOS to a sentencepiece vocabulary unless told not to.
+        init_kwargs.setdefault("add_bos_token", True)
+    for name, key in SPECIAL_TOKENS.items():
+        token_id = gf.field(f"tokenizer.ggml.{key}")
+        if token_id is not None:
+            init_kwargs[name] = vocabulary["tokens"][token_id]
+    backend, extra = convert_gguf_tokenizer(gf.architecture, vocabulary)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **init_kwargs, **extra)
+
+
+def tokenizer_folder(gf: GGUFFile) -> Path:
     """A folder holding the file's tokenizer in Hugging Face form.
 
-    transformers builds it from the metadata once (seconds for a large
-    vocabulary); the result is kept under ``TOKENIZER_CACHE``, keyed by the
-    file's path, size and modification time.  Where that cannot be written a
-    temporary folder is used.
+    Building it takes seconds for a large vocabulary, so it is kept under
+    ``TOKENIZER_CACHE``, keyed by the file's path, size and modification time.
+    Where that cannot be written a temporary folder is used.
     """
-    from transformers import AutoTokenizer
-
-    path = Path(path).resolve()
+    path = gf.path.resolve()
     stat = path.stat()
     key = hashlib.sha256(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     folder = TOKENIZER_CACHE / key.hexdigest()[:24]
     if (folder / "tokenizer.json").is_file():
         return folder
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    tokenizer = hf_tokenizer(gf)
     try:
         TOKENIZER_CACHE.mkdir(parents=True, exist_ok=True)
         partial = Path(tempfile.mkdtemp(dir=TOKENIZER_CACHE))
@@ -532,16 +673,14 @@ def tokenizer_folder(path: Union[str, Path]) -> Path:
     return folder
 
 
-def load_gguf_tokenizer(
-    path: Union[str, Path], eos_token_ids=None, tokenizer_config=None
-):
-    """A TokenizerWrapper for the file's tokenizer metadata (see ``tokenizer_folder``).
+def load_gguf_tokenizer(gf: GGUFFile, eos_token_ids=None, tokenizer_config=None):
+    """A TokenizerWrapper for the file's tokenizer (see ``tokenizer_folder``).
 
     ``tokenizer_config`` holds extra keyword arguments for transformers.
     """
     from .tokenizer_utils import load_tokenizer
 
-    return load_tokenizer(tokenizer_folder(path), tokenizer_config, eos_token_ids)
+    return load_tokenizer(tokenizer_folder(gf), tokenizer_config, eos_token_ids)
 
 
 def load_gguf(
@@ -560,9 +699,7 @@ def load_gguf(
     config.update(model_config or {})
     wrapper = None
     if tokenizer:
-        wrapper = load_gguf_tokenizer(
-            path, config.get("eos_token_id"), tokenizer_config
-        )
+        wrapper = load_gguf_tokenizer(gf, config.get("eos_token_id"), tokenizer_config)
     weights, layers = gguf_weights(gf, config, dtype)
     quantization = quantization_entry(layers)
     if quantization is not None:
@@ -616,5 +753,5 @@ def convert_gguf(
         config["quantization"] = quantization
     save_model(mlx_path, model)
     save_config(config, mlx_path / "config.json")
-    copy_tokenizer_files(tokenizer_folder(gguf_path), mlx_path)
+    copy_tokenizer_files(tokenizer_folder(gf), mlx_path)
     return mlx_path

@@ -324,7 +324,8 @@ class TestUtils(unittest.TestCase):
         self.assertEqual(layers["model.layers.0.mlp.down_proj"], (64, 4))
         self.assertNotIn("lm_head", layers)
         self.assertNotIn("model.embed_tokens", layers)
-        self.assertTrue(mx.array_equal(loaded(PROMPT), model(PROMPT)))
+        # Loaded layers may take the dequantized CPU path (another kernel).
+        self.assertLess(mx.abs(loaded(PROMPT) - model(PROMPT)).max().item(), 1e-4)
 
         # Only quantization_config (as some Hub tools leave it) is enough.
         del config["quantization"]
