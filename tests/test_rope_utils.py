@@ -1,8 +1,15 @@
-"""RoPE variants: each equals transformers' rotary embedding of the same config."""
+"""RoPE variants: each equals transformers' rotary embedding of the same config.
+
+transformers' rotations are kept in ``fixtures/rope_reference.npz``; with torch
+installed, ``python tests/test_rope_utils.py --write-reference`` rewrites it
+and ``test_fixture_is_current`` checks it.
+"""
 
 import copy
 import math
+import sys
 import unittest
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -22,6 +29,7 @@ except ImportError as error:
 else:
     MISSING = None
 
+REFERENCE = Path(__file__).resolve().parent / "fixtures" / "rope_reference.npz"
 HEADS = 4
 HEAD_DIM = 16
 # Relative to the largest reference entry; float32 angles stay below ~100 here.
@@ -227,42 +235,53 @@ def relative_error(ours, expected):
     return diff, diff / np.abs(expected).max()
 
 
-@unittest.skipIf(MISSING, MISSING)
+def reference_checks():
+    """(fixture key, case name, q, our offset, positions) of every comparison."""
+    for name, (_, _, spans) in CASES.items():
+        for offset, length in spans:
+            positions = np.repeat(np.arange(offset, offset + length)[None], 2, axis=0)
+            q = random_q(2, length, seed=offset + length)
+            yield f"{name}/{offset}/{length}", name, q, offset, positions
+    # A batch whose rows start at different offsets: transformers scales it by
+    # its longest row, as ours does.
+    offsets = [3, 40]
+    positions = np.stack([np.arange(o, o + 6) for o in offsets])
+    for name in ["dynamic_above", "yarn_deepseek", "longrope_partial"]:
+        q = random_q(2, 6, seed=1)
+        yield f"{name}/per_sequence", name, q, mx.array(offsets), positions
+
+
+def transformers_rotations():
+    """Every reference rotation, computed by transformers."""
+    out = {}
+    for key, name, q, _, positions in reference_checks():
+        # A fresh module each time: transformers' dynamic scaling keeps the
+        # longest length it has seen.
+        class_name, kwargs, _ = CASES[name]
+        rotary, apply = hf_rotary(class_name, kwargs)
+        out[key] = hf_rotate(rotary, apply, q, positions)
+    return out
+
+
 class TestAgainstTransformers(unittest.TestCase):
-    def check(self, name, rope, rotary, apply, q, offset, positions):
-        expected = hf_rotate(rotary, apply, q, positions)
-        ours = rope(mx.array(q), offset=offset)
-        self.assertEqual(ours.dtype, mx.float32)
-        diff, relative = relative_error(ours, expected)
-        self.assertLess(relative, TOLERANCE, f"{name}: max abs diff {diff:.2e}")
-        return diff
+    """Against transformers' rotations, kept in a fixture so torch is not needed."""
 
     def test_each_type_matches(self):
-        for name, (class_name, kwargs, spans) in CASES.items():
-            for offset, length in spans:
-                with self.subTest(name, offset=offset, length=length):
-                    # A fresh reference each time: transformers' dynamic
-                    # scaling keeps the longest length it has seen.
-                    rotary, apply = hf_rotary(class_name, kwargs)
-                    rope = our_rope(class_name, kwargs)
-                    q = random_q(2, length, seed=offset + length)
-                    positions = np.arange(offset, offset + length)[None]
-                    positions = np.repeat(positions, 2, axis=0)
-                    self.check(name, rope, rotary, apply, q, offset, positions)
+        reference = np.load(REFERENCE)
+        self.assertEqual(sorted(reference), sorted(k for k, *_ in reference_checks()))
+        for key, name, q, offset, _ in reference_checks():
+            with self.subTest(key):
+                ours = our_rope(*CASES[name][:2])(mx.array(q), offset=offset)
+                self.assertEqual(ours.dtype, mx.float32)
+                diff, relative = relative_error(ours, reference[key])
+                self.assertLess(relative, TOLERANCE, f"{key}: max abs diff {diff:.2e}")
 
-    def test_per_sequence_offsets(self):
-        # transformers scales a batch by its longest row, as ours does.
-        length = 6
-        offsets = [3, 40]
-        positions = np.stack([np.arange(o, o + length) for o in offsets])
-        for name in ["dynamic_above", "yarn_deepseek", "longrope_partial"]:
-            with self.subTest(name):
-                class_name, kwargs, _ = CASES[name]
-                rotary, apply = hf_rotary(class_name, kwargs)
-                rope = our_rope(class_name, kwargs)
-                q = random_q(2, length, seed=1)
-                offset = mx.array(offsets)
-                self.check(name, rope, rotary, apply, q, offset, positions)
+    @unittest.skipIf(MISSING, MISSING)
+    def test_fixture_is_current(self):
+        reference = np.load(REFERENCE)
+        for key, expected in transformers_rotations().items():
+            with self.subTest(key):
+                np.testing.assert_allclose(reference[key], expected, atol=1e-6)
 
     def test_dynamic_grows_past_max(self):
         # Past max_position_embeddings the rotation differs from plain RoPE.
@@ -356,4 +375,8 @@ class TestInitializeRope(unittest.TestCase):
 
 
 if __name__ == "__main__":
-    unittest.main()
+    if sys.argv[1:] == ["--write-reference"]:
+        np.savez_compressed(REFERENCE, **transformers_rotations())
+        print(f"wrote {REFERENCE}")
+    else:
+        unittest.main()
