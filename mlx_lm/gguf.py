@@ -82,7 +82,7 @@ TOKENIZER_CACHE = (
 )
 
 # Elements decoded per read; bounds the temporary memory of a load.
-CHUNK_ELEMENTS = 1 << 22
+CHUNK_ELEMENTS = 1 << 20
 
 
 def _constants():

@@ -283,6 +283,37 @@ class RealModelCase:
         self.assertLess(np.abs(ours - ref["top_logits"]).max(), 2e-3)
         np.testing.assert_array_equal(logits.argmax(axis=1), ref["top_ids"][:, 0])
 
+    def run_cli(self, *args):
+        """stdout of mlx_lm.generate on this model (8 new tokens)."""
+        out = subprocess.run(
+            [sys.executable, "-m", "mlx_lm.generate", "--model", str(self.path)]
+            + ["--max-tokens", "8", *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        self.assertEqual(out.returncode, 0, out.stderr)
+        return out.stdout
+
+    def ask_server(self, route, body):
+        """The JSON reply of an mlx_lm.server on this model to one request."""
+        from mlx_lm.server import build_server, setup_arg_parser
+
+        argv = ["--model", str(self.path), "--port", "0", "--max-tokens", "8"]
+        server = build_server(setup_arg_parser().parse_args(argv))
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{server.server_address[1]}{route}",
+                data=json.dumps(body).encode(),
+                headers={"Content-Type": "application/json"},
+            )
+            with urllib.request.urlopen(request, timeout=300) as response:
+                return json.loads(response.read())
+        finally:
+            server.shutdown()
+            server.server_close()
+
     def test_weights_stay_quantized(self):
         layer = self.model.layers[0].self_attn.q_proj
         self.assertTrue(hasattr(layer, "scales"))
@@ -308,48 +339,12 @@ class SmolLM2(RealModelCase, unittest.TestCase):
         self.assertIn("Paris", text)
 
     def test_cli_answers(self):
-        out = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "mlx_lm.generate",
-                "--model",
-                str(self.path),
-                "--prompt",
-                PROMPT,
-                "--max-tokens",
-                "8",
-                "--compact-kv-budget",
-                "256",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        self.assertEqual(out.returncode, 0, out.stderr)
-        self.assertIn("Paris", out.stdout)
+        out = self.run_cli("--prompt", PROMPT, "--compact-kv-budget", "256")
+        self.assertIn("Paris", out)
 
     def test_server_answers(self):
-        from mlx_lm.server import build_server, setup_arg_parser
-
-        argv = ["--model", str(self.path), "--port", "0", "--max-tokens", "8"]
-        server = build_server(setup_arg_parser().parse_args(argv))
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        try:
-            port = server.server_address[1]
-            body = json.dumps(
-                {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 8}
-            ).encode()
-            request = urllib.request.Request(
-                f"http://127.0.0.1:{port}/v1/chat/completions",
-                data=body,
-                headers={"Content-Type": "application/json"},
-            )
-            with urllib.request.urlopen(request, timeout=300) as response:
-                reply = json.loads(response.read())
-        finally:
-            server.shutdown()
-            server.server_close()
+        body = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 8}
+        reply = self.ask_server("/v1/chat/completions", body)
         self.assertIn("Paris", reply["choices"][0]["message"]["content"])
 
     def test_converted_folder_loads_in_upstream(self):
@@ -417,15 +412,28 @@ class Gemma3(RealModelCase, unittest.TestCase):
         self.assertEqual(kinds.count("RotatingKVCache"), 15)
         self.assertEqual(kinds.count("KVCache"), 3)
 
-    def test_completion_retrieves_a_planted_code(self):
+    def planted_code_prompt(self):
         filler = Path("/usr/share/common-licenses/Apache-2.0").read_text()[:1500]
-        prompt = (
+        return (
             "The secret code of the blue door is 4821. "
             + filler
             + "\nThe secret code of the blue door is"
         )
-        text = generate(self.model, self.tokenizer, prompt, max_tokens=6)
+
+    def test_completion_retrieves_a_planted_code(self):
+        text = generate(
+            self.model, self.tokenizer, self.planted_code_prompt(), max_tokens=6
+        )
         self.assertIn("4821", text)
+
+    def test_cli_retrieves_a_planted_code(self):
+        out = self.run_cli("--prompt", self.planted_code_prompt())
+        self.assertIn("4821", out)
+
+    def test_server_retrieves_a_planted_code(self):
+        body = {"prompt": self.planted_code_prompt(), "max_tokens": 6}
+        reply = self.ask_server("/v1/completions", body)
+        self.assertIn("4821", reply["choices"][0]["text"])
 
 
 if __name__ == "__main__":
