@@ -1,6 +1,7 @@
 """Model architectures: cache consistency, HF reference logits, attention helpers."""
 
 import importlib
+import itertools
 import json
 import unittest
 from pathlib import Path
@@ -482,28 +483,38 @@ class TestAttentionHelpers(unittest.TestCase):
         self.assertEqual(mask, ("made", 5, True, 3))
 
     def test_quantized_attention_matches_dequantized(self):
+        # float32 with fewer than DEQUANTIZED_ATTENTION_ROWS queries runs the
+        # quantized product; chunks, and half precision, a float32 copy.
         mx.random.seed(3)
-        B, n_heads, n_kv, L, S, D = 2, 6, 2, 3, 7, 64
-        queries = mx.random.normal((B, n_heads, L, D))
-        keys = mx.random.normal((B, n_kv, S, D))
-        values = mx.random.normal((B, n_kv, S, D))
-        q_keys = mx.quantize(keys, group_size=32, bits=8)
-        q_values = mx.quantize(values, group_size=32, bits=8)
-        keys = mx.dequantize(*q_keys, group_size=32, bits=8)
-        values = mx.dequantize(*q_values, group_size=32, bits=8)
+        B, n_heads, n_kv, S, D = 2, 6, 2, 12, 64
+        cases = [(mx.float32, 1e-4), (mx.float16, 2e-2)]
+        for (dtype, tolerance), L in itertools.product(cases, (1, 3, 8)):
+            queries = mx.random.normal((B, n_heads, L, D)).astype(dtype)
+            keys = mx.random.normal((B, n_kv, S, D)).astype(dtype)
+            values = mx.random.normal((B, n_kv, S, D)).astype(dtype)
+            q_keys = mx.quantize(keys, group_size=32, bits=8)
+            q_values = mx.quantize(values, group_size=32, bits=8)
+            keys = mx.dequantize(*q_keys, group_size=32, bits=8)
+            values = mx.dequantize(*q_values, group_size=32, bits=8)
 
-        bool_mask = mx.random.uniform(shape=(B, 1, L, S)) > 0.3
-        bool_mask[..., -1] = True
-        for mask in [None, "causal", bool_mask, base.create_causal_mask(L, S - L)]:
-            with self.subTest(mask=type(mask).__name__):
-                got = base.scaled_dot_product_attention(
-                    queries, q_keys, q_values, FakeQuantizedCache(), 0.2, mask
-                )
-                want = mx.fast.scaled_dot_product_attention(
-                    queries, keys, values, scale=0.2, mask=mask
-                )
-                self.assertEqual(got.shape, (B, n_heads, L, D))
-                self.assertLess(max_diff(got, want), 1e-4)
+            bool_mask = mx.random.uniform(shape=(B, 1, L, S)) > 0.3
+            bool_mask[..., -1] = True
+            masks = [None, "causal", bool_mask, base.create_causal_mask(L, S - L)]
+            for mask in masks:
+                with self.subTest(dtype=dtype, L=L, mask=type(mask).__name__):
+                    got = base.scaled_dot_product_attention(
+                        queries, q_keys, q_values, FakeQuantizedCache(), 0.2, mask
+                    )
+                    want = mx.fast.scaled_dot_product_attention(
+                        queries.astype(mx.float32),
+                        keys.astype(mx.float32),
+                        values.astype(mx.float32),
+                        scale=0.2,
+                        mask=mask,
+                    )
+                    self.assertEqual(got.shape, (B, n_heads, L, D))
+                    self.assertEqual(got.dtype, dtype)
+                    self.assertLess(max_diff(got, want), tolerance)
 
     def test_single_query_grouped_heads(self):
         # One-token steps take the folded path on the CPU; compare with the heads

@@ -147,6 +147,35 @@ def _fused_attention(queries, keys, values, scale: float, mask) -> mx.array:
     )
 
 
+# Query rows from which float32 attention on the CPU reads dequantized keys.
+DEQUANTIZED_ATTENTION_ROWS = 4
+
+
+def _attend_dequantized(queries: mx.array) -> bool:
+    """Whether attention to a quantized cache runs on a float32 copy of it.
+
+    MLX's CPU ``quantized_matmul`` is written for one float32 query row: with a
+    prompt chunk, or in half precision at any length, dequantizing the layer's
+    keys and values and attending in float32 is several times faster
+    (README, "Quantized KV cache on the CPU"). Elsewhere the quantized product
+    runs.
+    """
+    if mx.default_device() != mx.cpu:
+        return False
+    return queries.dtype != mx.float32 or queries.shape[2] >= DEQUANTIZED_ATTENTION_ROWS
+
+
+def _dequantized(triple, group_size: int, bits: int) -> mx.array:
+    packed, scales, biases = triple
+    return mx.dequantize(
+        packed,
+        scales.astype(mx.float32),
+        biases.astype(mx.float32),
+        group_size=group_size,
+        bits=bits,
+    )
+
+
 def scaled_dot_product_attention(
     queries: mx.array,
     keys,
@@ -169,6 +198,10 @@ def scaled_dot_product_attention(
     computes them too.
     """
     quantized = (cache.group_size, cache.bits) if hasattr(cache, "bits") else None
+    dtype = queries.dtype
+    if quantized and _attend_dequantized(queries):
+        keys, values = (_dequantized(part, *quantized) for part in (keys, values))
+        queries, quantized = queries.astype(mx.float32), None
     observed = getattr(cache, "observed_queries", 0)
     weights = None
     if quantized or observed >= queries.shape[2]:
@@ -176,6 +209,7 @@ def scaled_dot_product_attention(
         out = _weighted_values(weights, values, quantized)
     else:
         out = _fused_attention(queries, keys, values, scale, mask)
+    out = out.astype(dtype)
     if not observed:
         return out
     if weights is None:
