@@ -6,6 +6,8 @@ prompt chunks). This loads one quantized model and runs ``generate_step`` with
 those layers and with MLX's ``nn.QuantizedLinear`` / ``nn.QuantizedEmbedding``
 swapped back in, alternating ``--repeats`` times in one process; it prints
 prefill and decode tokens/s (medians, min-max) and the first generated token.
+First it times one 576 x 1536 4-bit layer (group 64) per dtype, at 1 and 256
+rows, both ways.
 
 Usage:
     mlx_lm.convert --hf-path mlx_lm/demo_model --mlx-path /tmp/demo-q4 -q --q-bits 4
@@ -46,6 +48,30 @@ def use(model, classes):
             module.__class__ = classes["embedding"]
 
 
+def time_ms(fn, n=10):
+    mx.eval(fn())
+    start = time.perf_counter()
+    for _ in range(n):
+        mx.eval(fn())
+    return (time.perf_counter() - start) / n * 1000
+
+
+def layer_table():
+    print("| dtype | rows | MLX layer ms | float32 path ms |")
+    print("| --- | --- | --- | --- |")
+    for dtype in (mx.float32, mx.float16, mx.bfloat16):
+        linear = nn.Linear(576, 1536, bias=False)
+        linear.set_dtype(dtype)
+        layer = linear.to_quantized(group_size=64, bits=4)
+        for rows in (1, 256):
+            x = mx.random.normal((1, rows, 576)).astype(dtype)
+            times = []
+            for classes in VARIANTS.values():
+                layer.__class__ = classes["linear"]
+                times.append(time_ms(lambda: layer(x), n=3 if rows > 1 else 20))
+            print(f"| {dtype} | {rows} | {times[0]:.2f} | {times[1]:.2f} |")
+
+
 def run(model, prompt, max_tokens):
     start = time.perf_counter()
     for n, (token, _) in enumerate(generate_step(prompt, model, max_tokens=max_tokens)):
@@ -64,6 +90,7 @@ def main():
     args = parser.parse_args()
     if args.max_tokens < 2:
         raise ValueError(f"--max-tokens must be at least 2, got {args.max_tokens}")
+    layer_table()
     model, tokenizer = mlx_lm.load(args.model)
     if not any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules()):
         raise ValueError(f"{args.model} has no quantized layers")

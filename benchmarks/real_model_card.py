@@ -40,8 +40,8 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
-
 import real_models
+
 from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import make_prompt_cache
 

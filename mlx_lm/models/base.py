@@ -156,9 +156,9 @@ def _attend_dequantized(queries: mx.array) -> bool:
 
     MLX's CPU ``quantized_matmul`` is written for one float32 query row: with a
     prompt chunk, or in half precision at any length, dequantizing the layer's
-    keys and values and attending in float32 is several times faster
-    (README, "Quantized KV cache on the CPU"). Elsewhere the quantized product
-    runs.
+    keys and values and attending in float32 is several times faster (README,
+    "Quantized weights and KV cache on the CPU"). Elsewhere the quantized
+    product runs.
     """
     if mx.default_device() != mx.cpu:
         return False

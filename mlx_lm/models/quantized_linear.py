@@ -1,10 +1,10 @@
 """Quantized layers with fast paths for MLX's CPU backend.
 
-MLX's CPU ``quantized_matmul`` is written for one float32 row: measured here
-on a 576 x 1536 4-bit layer it costs 0.84 ms for one row but 196 ms for 256,
-while dequantizing the weight and calling the BLAS matrix product costs
-3.8 ms for 256 rows; and in float16 (bfloat16) the same product costs 28 ms
-(6.3 ms) for one row and 6.9 s (1.6 s) for 256.  So on the CPU these
+MLX's CPU ``quantized_matmul`` is written for one float32 row: on a
+576 x 1536 4-bit layer it takes 0.85 ms for one row but 194 ms for 256, while
+dequantizing the weight and calling the BLAS matrix product takes 3.9 ms; in
+float16 (bfloat16) it takes 26 ms (6.5 ms) for one row and 6.7 s (1.6 s) for
+256 (``python benchmarks/bench_quantized_weights.py``).  So on the CPU these
 subclasses compute in float32: inputs of ``DEQUANTIZED_MIN_ROWS`` rows or more
 (prompt chunks) against the weight dequantized in slices of at most
 ``SLICE_ROWS`` output rows, fewer rows (decode steps) with the quantized
