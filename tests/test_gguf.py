@@ -29,6 +29,8 @@ sys.path[:0] = [str(HERE), str(HERE.parent / "benchmarks")]
 import real_models  # noqa: E402
 from helpers import tiny_model  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
+from test_models import TINY_CONFIGS  # noqa: E402
+from test_models import build_model as build_tiny  # noqa: E402
 
 from mlx_lm import generate, load  # noqa: E402
 from mlx_lm.gguf import GGUFFile, load_gguf  # noqa: E402
@@ -38,8 +40,12 @@ FIXTURES = HERE / "fixtures" / "gguf_reference"
 UPSTREAM = real_models.UPSTREAM_DIR
 PROMPT = "What is the capital of France? Answer in one word."
 
-# Our parameter names inside a block -> GGUF block tensor names (llama layout).
+# Our parameter names inside a block -> llama.cpp's block tensor names.
 TO_GGUF = {
+    "self_attn.q_norm": "attn_q_norm",  # qwen3
+    "self_attn.k_norm": "attn_k_norm",
+    "self_attn.qkv_proj": "attn_qkv",  # phi3: fused Q, K, V
+    "mlp.gate_up_proj": "ffn_up",  # phi3: gate and up in one matrix
     "input_layernorm": "attn_norm",
     "post_attention_layernorm": "ffn_norm",
     "self_attn.q_proj": "attn_q",
@@ -65,29 +71,36 @@ def llama_cpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
 def write_gguf(
     path: Path, model, config, qtype=None, arch="llama", permute=True, extra=()
 ):
-    """``model`` as a llama-layout GGUF file, its matrices stored as ``qtype``.
+    """``model`` as a GGUF file of ``arch``, its matrices stored as ``qtype``.
 
-    ``permute`` applies llama.cpp's Q/K row order, as its converter does;
+    ``permute`` applies llama.cpp's Q/K row order (llama only), as its converter does;
     ``extra`` holds (writer method, key, value) metadata to add.
 
     Returns the float32 weights (our names) that the file decodes to.
     """
     writer = GGUFWriter(str(path), arch)
+    head_dim = config.get(
+        "head_dim", config["hidden_size"] // config["num_attention_heads"]
+    )
+    rotated = int(head_dim * config.get("partial_rotary_factor", 1.0))
     for key, value in (
         ("block_count", config["num_hidden_layers"]),
-        ("context_length", config["max_position_embeddings"]),
+        ("context_length", config.get("max_position_embeddings", 4096)),
         ("embedding_length", config["hidden_size"]),
         ("feed_forward_length", config["intermediate_size"]),
         ("attention.head_count", config["num_attention_heads"]),
         ("attention.head_count_kv", config["num_key_value_heads"]),
         ("vocab_size", config["vocab_size"]),
-        ("attention.key_length", config["head_dim"]),
+        ("attention.key_length", head_dim),
+        ("rope.dimension_count", rotated),
     ):
         writer.add_uint32(f"{arch}.{key}", value)
     writer.add_float32(
         f"{arch}.attention.layer_norm_rms_epsilon", config["rms_norm_eps"]
     )
-    writer.add_float32(f"{arch}.rope.freq_base", config["rope_theta"])
+    # What the model was built with where the config leaves it to a default.
+    theta = config.get("rope_theta", getattr(model.args, "rope_theta", 10000.0))
+    writer.add_float32(f"{arch}.rope.freq_base", theta)
     for method, key, value in extra:
         getattr(writer, method)(key, value)
 
@@ -102,9 +115,14 @@ def write_gguf(
             gguf_name = {
                 "model.embed_tokens.weight": "token_embd.weight",
                 "model.norm.weight": "output_norm.weight",
+                "lm_head.weight": "output.weight",
             }[name]
         stored = w
-        if permute and gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
+        if (
+            permute
+            and arch == "llama"
+            and gguf_name.endswith(("attn_q.weight", "attn_k.weight"))
+        ):
             kind = "attention.head_count" + ("_kv" if "attn_k" in gguf_name else "")
             heads = config[
                 "num_key_value_heads" if "_kv" in kind else "num_attention_heads"
@@ -171,6 +189,21 @@ class SyntheticGGUF(unittest.TestCase):
         self.assertNotIn("quantization", config)
         expected = self.model(self.tokens)
         self.assertLess(mx.abs(loaded(self.tokens) - expected).max().item(), 1e-5)
+
+    def test_other_layouts_give_the_same_logits(self):
+        # qwen2 (Q/K/V biases), qwen3 (Q/K norms, untied output), phi3 (fused
+        # QKV and gate-up, partial rotary); written unpermuted, as llama.cpp does.
+        for arch in ("qwen2", "qwen3", "phi3"):
+            with self.subTest(arch=arch):
+                config = TINY_CONFIGS[arch]
+                model = build_tiny(config, seed=7)
+                path = self.path(f"{arch}.gguf")
+                write_gguf(path, model, config, arch=arch)
+                loaded, _, read = load_gguf(path, tokenizer=False)
+                self.assertEqual(read["model_type"], arch)
+                tokens = self.tokens % config["vocab_size"]
+                diff = mx.abs(loaded(tokens) - model(tokens)).max().item()
+                self.assertLess(diff, 1e-4)
 
     def test_permutation_is_undone(self):
         # A file written without llama.cpp's Q/K permutation gives other logits,
