@@ -39,6 +39,7 @@ import mlx.core as mx
 from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import (
     COMPACT_SCOPES,
+    DEFAULT_COMPACT_POLICY,
     KEY_SCORERS,
     PER_TOKEN_POLICIES,
     CompressedKVCache,
@@ -256,7 +257,7 @@ def section_latency(args, bandwidth):
                     default_compact_margin(args.latency_budget),
                     getattr(mx, args.latency_dtype),
                     scope,
-                    DEFAULTS.compact_policy,
+                    DEFAULT_COMPACT_POLICY["stream"],
                     args.repeats,
                 )
                 rows.append(
@@ -313,7 +314,7 @@ def section_decode(args, model, vocab):
                 margin,
                 mx.float32,
                 DEFAULTS.compact_scope,
-                DEFAULTS.compact_policy,
+                DEFAULT_COMPACT_POLICY["stream"],
                 args.repeats,
             )
             per_token = event / (margin + 1)
@@ -454,7 +455,7 @@ def targets(results):
         for r in half:
             kw = r["kwargs"]
             if (kw.get("compact_policy"), kw.get("compact_scope")) == (
-                DEFAULTS.compact_policy,
+                DEFAULT_COMPACT_POLICY["stream"],
                 DEFAULTS.compact_scope,
             ):
                 base = full["retrieval_accuracy"] or 0.0
@@ -534,7 +535,7 @@ def parse_args(argv):
         args.prefill_context, args.prefill_budget, args.prefill_steps = 2048, 512, [512]
         args.evicted, args.policies, args.scopes = (
             [50],
-            [DEFAULTS.compact_policy],
+            [DEFAULT_COMPACT_POLICY["stream"]],
             [DEFAULTS.compact_scope],
         )
         args.quality_args = args.quality_args or "--quick --context 512"

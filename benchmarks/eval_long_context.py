@@ -131,11 +131,6 @@ def parse_setups(spec, context):
 # The cache path shared with generation
 
 
-def after_step(cache, config):
-    """Run on ``cache`` what generation runs after every model call."""
-    cache_hook(config)(cache)
-
-
 def forced_logprobs(model, cache, config, tokens, n_scored, prefill_step, extend=0):
     """Yield float32 log-probabilities predicting each of the last ``n_scored``
     tokens of ``tokens``, then ``extend`` positions past its end.
@@ -150,14 +145,15 @@ def forced_logprobs(model, cache, config, tokens, n_scored, prefill_step, extend
         raise ValueError(f"cannot score {n_scored} of {len(tokens)} tokens")
     # As generate_step does: the quantization group is decided for the model.
     config = config.for_model(model, cache)
+    after_step = cache_hook(config, cache)
     for start in range(0, first, prefill_step):
         model(tokens[None, start : min(start + prefill_step, first)], cache=cache)
-        after_step(cache, config)
+        after_step(cache, prompt=True)
         mx.eval([c.state for c in cache])
     fed = tokens[first : first + 1]
     for i in range(first + 1, len(tokens) + extend):
         logits = model(fed[None], cache=cache)[0, -1].astype(mx.float32)
-        after_step(cache, config)
+        after_step(cache)
         logprobs = logits - mx.logsumexp(logits)
         mx.async_eval(logprobs)
         yield logprobs

@@ -131,12 +131,17 @@ def _check_windowed(prompt_cache, config: kv.KVCacheConfig):
 
 def cache_hook(
     config: kv.KVCacheConfig, prompt_cache: Optional[List[Any]] = None
-) -> Callable[[List[Any]], None]:
-    """What to run on the cache after each model call (prefill chunk or decode step).
+) -> Callable[..., None]:
+    """What to run on the cache after each model call: ``hook(cache)`` after a
+    decode step, ``hook(cache, prompt=True)`` after a prompt chunk.
 
-    Compaction comes first, then quantization. It is installed when ``config`` asks
-    for it or ``prompt_cache`` (checked against ``config`` here) has compressed layers.
-    With ``kv_bits``, ``config`` must come from
+    Compaction comes first, then quantization. Compaction is installed when
+    ``config`` asks for it or ``prompt_cache`` (checked against ``config`` here)
+    has compressed layers. With ``compact_mode="stream"`` it runs after every
+    call; with ``"once"`` prompt chunks are held whole and the first decode step
+    after them compacts the prompt to the budget (``compact_prompt_cache`` with
+    no slack), so a query-aware policy sees the end of the prompt. With
+    ``kv_bits``, ``config`` must come from
     :meth:`~mlx_lm.models.cache.KVCacheConfig.for_model` (or name a
     ``kv_group_size``).
     """
@@ -145,24 +150,28 @@ def cache_hook(
             f"kv_bits={config.kv_bits} needs a kv_group_size; "
             "KVCacheConfig.for_model(model) decides it"
         )
-    steps = []
     compressed = any(isinstance(c, kv.CompressedKVCache) for c in prompt_cache or ())
     if config.compact_kv_budget is not None and prompt_cache is not None:
         _check_compressed(prompt_cache, config)
-    if config.compact_kv_budget is not None or compressed:
-        steps.append(maybe_compact_kv_cache)
+    compacts = config.compact_kv_budget is not None or compressed
+    once = config.compact_mode == "once"
     if config.window_size is not None and prompt_cache is not None:
         _check_windowed(prompt_cache, config)
-    if config.kv_bits is not None:
-        steps.append(
-            lambda c: maybe_quantize_kv_cache(
-                c, config.quantized_kv_start, config.kv_group_size, config.kv_bits
-            )
-        )
+    held = False  # once: prompt chunks arrived since the last compaction
 
-    def run(cache):
-        for step in steps:
-            step(cache)
+    def run(cache, prompt=False):
+        nonlocal held
+        if compacts and once and prompt:
+            held = True
+        elif compacts and held:
+            kv.compact_prompt_cache(cache, slack=0)
+            held = False
+        elif compacts:
+            maybe_compact_kv_cache(cache)
+        if config.kv_bits is not None:
+            maybe_quantize_kv_cache(
+                cache, config.quantized_kv_start, config.kv_group_size, config.kv_bits
+            )
 
     return run
 
@@ -216,7 +225,7 @@ def _prefill(model, prompt, cache, step, after_chunk, progress):
     while total - done > 1:
         n = min(step, total - done - 1)
         model(prompt[None, done : done + n], cache=cache)
-        after_chunk(cache)
+        after_chunk(cache, prompt=True)
         mx.eval([c.state for c in cache])
         done += n
         progress(done, total)
@@ -397,13 +406,13 @@ def speculative_generate_step(
 
     # The hooks replace converted layers in main_cache / draft_cache; a
     # caller's prompt_cache must hold those, not the layers they replaced.
-    def after_main(cache):
-        hook_main(cache)
+    def after_main(cache, prompt=False):
+        hook_main(cache, prompt)
         if prompt_cache is not None:
             prompt_cache[:n_main] = cache
 
-    def after_draft(cache):
-        hook_draft(cache)
+    def after_draft(cache, prompt=False):
+        hook_draft(cache, prompt)
         if prompt_cache is not None:
             prompt_cache[n_main:] = cache
 
@@ -708,7 +717,8 @@ def batch_generate(
     padding = [longest - len(p) for p in prompts]
     batch = mx.array([[0] * pad + list(p) for pad, p in zip(padding, prompts)])
     cache = _batch_cache(model, config, padding)
-    after_update = cache_hook(kv.KVCacheConfig(), cache)
+    # Quantization was decided when the layers were made; compaction runs.
+    after_update = cache_hook(kv.KVCacheConfig(compact_mode=config.compact_mode), cache)
     # Per-sequence token history (without padding) for the logits processors.
     history = [mx.array(p) for p in prompts]
 
@@ -736,7 +746,7 @@ def batch_generate(
         while longest - done > 1:
             n = min(prefill_step_size, longest - done - 1)
             model(batch[:, done : done + n], cache=cache)
-            after_update(cache)
+            after_update(cache, prompt=True)
             mx.eval([c.state for c in cache])
             done += n
         y = step(batch[:, done:])
@@ -897,7 +907,9 @@ def add_kv_cache_arguments(p: argparse.ArgumentParser):
     g.add_argument(
         "--compact-policy",
         default=defaults.compact_policy,
-        help=f"Key scoring function: {', '.join(kv.KEY_SCORERS)}",
+        help=f"Token scoring function: {', '.join(kv.COMPACT_POLICIES)} (snapkv: "
+        "the attention paid by the newest tokens, the question after a prompt; "
+        "default: snapkv with --compact-mode once, keydiff with stream)",
     )
     g.add_argument(
         "--compact-scope",
@@ -914,6 +926,14 @@ def add_kv_cache_arguments(p: argparse.ArgumentParser):
         "--compact-margin",
         type=int,
         help="Tokens allowed above the budget before compacting (hysteresis)",
+    )
+    g.add_argument(
+        "--compact-mode",
+        default=defaults.compact_mode,
+        help="When to compact: once (the default: the prompt is held whole while "
+        "it is read, then compacted to the budget; generated tokens then stream) or "
+        "stream (whenever a layer outgrows budget + margin, during the prompt too, "
+        "so memory never exceeds that)",
     )
     g.add_argument("--window-size", type=int, help="Sliding window of this many tokens")
     g.add_argument(

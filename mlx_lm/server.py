@@ -550,6 +550,7 @@ def cache_report(config: KVCacheConfig, cache) -> dict:
     the bytes of keys and values held by all layers."""
     stats = cache_eviction_stats(cache)
     report = asdict(config)
+    report["compact_policy"] = config.policy
     report["tokens_evicted"] = stats["tokens_evicted"]
     report["evictions"] = stats["total_evictions"]
     report["tokens_held"] = stats["current_size"]

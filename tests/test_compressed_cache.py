@@ -123,7 +123,11 @@ class TestSelection(unittest.TestCase):
         # keeps its own slots, gathered from its own keys.
         model, _ = tiny_model(seed=3)
         cache = make_prompt_cache(
-            model, compact_kv_budget=8, compact_keep_recent=2, compact_scope="head"
+            model,
+            compact_kv_budget=8,
+            compact_keep_recent=2,
+            compact_scope="head",
+            compact_policy="keydiff",
         )
         model(mx.arange(3, 40)[None], cache=cache)
         before = cache[0].state[0]
@@ -404,6 +408,7 @@ class TestHysteresisAndMemory(unittest.TestCase):
                     max_tokens=4,
                     compact_kv_budget=16,
                     compact_keep_recent=2,
+                    compact_mode="stream",
                 )
             )
             self.assertGreater(len(calls), 4)
@@ -503,7 +508,11 @@ class TestGeneration(unittest.TestCase):
         # the same moments as it does alone; padding goes first.
         prompts = [self.ids[:70], self.ids[100:160]]
         options = dict(compact_kv_budget=24, compact_keep_recent=4, compact_margin=6)
-        for scope in ("layer", "head", "model"):
+        setups = [("stream", "keydiff", scope) for scope in ("layer", "head", "model")]
+        # Once, question-aware: padding must not take part in the attention scores.
+        setups.append(("once", "snapkv", "head"))
+        for mode, policy, scope in setups:
+            options.update(compact_mode=mode, compact_policy=policy)
             batched = []
             result = batch_generate(
                 self.model,

@@ -409,6 +409,7 @@ class TestBadRequests(ServerCase):
             ({"max_kv_size": 0}, "max_kv_size"),
             ({"kv_bits": 7}, "kv_bits"),
             ({"compact_policy": "nope"}, "compact_policy"),
+            ({"compact_mode": "later"}, "compact_mode"),
             ({"window_size": 8, "window_prefix": 8}, None),
             ({"max_kv_size": 64, "window_size": 32}, None),
             ({"compact_kv_budget": 8}, "compact_kv_budget"),
@@ -558,6 +559,24 @@ class TestMemoryOptions(ServerCase):
         self.assertEqual(report["compact_kv_budget"], 48)
         self.assertEqual(report["compact_policy"], "keydiff")
         self.assertGreater(report["tokens_evicted"], 0)
+
+    def test_question_aware_compaction_once_per_request(self):
+        r = self.client.completions.create(
+            model=MODEL_DIR,
+            prompt=LONG_TEXT,
+            max_tokens=6,
+            extra_body={
+                "compact_kv_budget": 48,
+                "compact_keep_recent": 8,
+                "compact_policy": "snapkv",
+                "compact_mode": "once",
+            },
+        )
+        report = self.kv_cache(r)
+        self.assertEqual(report["compact_policy"], "snapkv")
+        self.assertEqual(report["compact_mode"], "once")
+        self.assertGreater(report["tokens_evicted"], 0)
+        self.assertLessEqual(report["tokens_held"], 2 * (48 + 6))
 
     def test_window_size_per_request_evicts(self):
         r = self.client.completions.create(

@@ -195,8 +195,12 @@ def scaled_dot_product_attention(
     over those queries and over the query heads of each KV head ([B,
     n_kv_heads, S]), through ``cache.observe_attention``. The output is the
     same either way; it depends on the updated totals, so evaluating it
-    computes them too.
+    computes them too. A cache with a positive ``query_window`` (a
+    query-aware eviction policy) is handed the queries themselves through
+    ``cache.observe_queries``.
     """
+    if getattr(cache, "query_window", 0):
+        cache.observe_queries(queries, scale)
     quantized = (cache.group_size, cache.bits) if hasattr(cache, "bits") else None
     dtype = queries.dtype
     if quantized and _attend_dequantized(queries):

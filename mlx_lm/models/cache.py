@@ -1211,12 +1211,14 @@ class CompressedKVCache(_BaseCache):
     generation loop runs once a layer holds more than ``budget + margin``
     tokens) keeps ``budget`` of them: the ``sink_tokens`` oldest, the
     ``keep_recent`` newest and, among the others, those whose keys score
-    highest under ``policy`` (a name in ``KEY_SCORERS``). ``scope`` says what
+    highest under ``policy`` (a name in ``COMPACT_POLICIES``). ``scope`` says what
     shares one choice of tokens: ``"head"`` lets each KV head keep its own,
     ``"layer"`` ranks by the mean score over heads, ``"model"`` lets
-    :func:`compact_prompt_cache` also average over all such layers. The
-    defaults (``"keydiff"``, ``"head"``) kept the demo model's passkey recall
-    at every budget measured, where both L2 directions lost it.
+    :func:`compact_prompt_cache` also average over all such layers.
+
+    A query-aware policy (``"snapkv"``) scores keys by the attention that the
+    newest ``SNAPKV_WINDOW`` queries pay them; the attention function hands
+    those queries over through :meth:`observe_queries`.
 
     ``offset`` is the absolute position of the next token (RoPE uses it and
     eviction never lowers it); ``size()`` is the number of slots in use (what
@@ -1245,7 +1247,7 @@ class CompressedKVCache(_BaseCache):
         left_padding: Optional[List[int]] = None,
     ):
         _check_compaction(budget, keep_recent, sink_tokens, margin)
-        _check_choice("policy", policy, KEY_SCORERS)
+        _check_choice("policy", policy, COMPACT_POLICIES)
         _check_choice("scope", scope, COMPACT_SCOPES)
         self.budget = budget
         self.keep_recent = keep_recent
@@ -1262,6 +1264,8 @@ class CompressedKVCache(_BaseCache):
         # head_scores() computed for the compaction about to happen.
         self._kept_scores = None
         self._pending_scores = None
+        # Query-aware policies: the newest queries seen and their scale.
+        self._queries, self._scale = None, 1.0
         self.compactions = 0
         self.allocations = 0
         if left_padding is None:
@@ -1275,7 +1279,7 @@ class CompressedKVCache(_BaseCache):
         return cls(
             config.compact_kv_budget,
             keep_recent=config.compact_keep_recent,
-            policy=config.compact_policy,
+            policy=config.policy,
             scope=config.compact_scope,
             sink_tokens=config.compact_sink_tokens,
             margin=config.compact_margin,
@@ -1327,6 +1331,27 @@ class CompressedKVCache(_BaseCache):
         self._pending_scores = None
         return _head(self.keys, stop), _head(self.values, stop)
 
+    @property
+    def query_window(self) -> int:
+        """How many of the newest queries the policy reads (0: none)."""
+        return SNAPKV_WINDOW if self.policy in QUERY_SCORERS else 0
+
+    def observe_queries(self, queries: mx.array, scale: float):
+        """Keep the newest :attr:`query_window` of ``queries`` ([B, n_heads, L,
+        D], after RoPE, as attention uses them) and their softmax ``scale``."""
+        window = self.query_window
+        if self._queries is not None and queries.shape[2] < window:
+            queries = mx.concatenate([self._queries, queries], axis=2)
+        self._queries = queries[:, :, -window:, :]
+        self._scale = scale
+
+    def _recent_run(self) -> int:
+        """Newest slots that are surely the newest tokens, without a gap:
+        those kept as recent at the last compaction and all added since."""
+        if not self.compactions:
+            return self._size
+        return min(self._size, self.keep_recent + self._size - self._floor)
+
     # Choosing and dropping tokens.
 
     def head_scores(self) -> mx.array:
@@ -1335,6 +1360,17 @@ class CompressedKVCache(_BaseCache):
         Under a per-token policy the slots kept by the last compaction keep
         their scores, so only the tokens added since are read and scored.
         """
+        if self.policy in QUERY_SCORERS:
+            if self._queries is None:
+                raise ValueError(
+                    f"policy {self.policy!r} scores keys by the attention of the "
+                    "newest queries, and none reached this layer since it was "
+                    "built or loaded"
+                )
+            window = min(self._queries.shape[2], self._recent_run())
+            queries = self._queries[:, :, self._queries.shape[2] - window :, :]
+            scorer = QUERY_SCORERS[self.policy]
+            return scorer(self._dense_keys(), queries, self._scale, self.left_padding)
         scorer = KEY_SCORERS[self.policy]
         if self.policy not in PER_TOKEN_POLICIES:
             keys = self._dense_keys()
@@ -1468,6 +1504,10 @@ class CompressedKVCache(_BaseCache):
         self._pending_scores = None
         self._size -= n
         self.offset = self.offset - n
+        if self._queries is not None:
+            # The trimmed tokens' queries go too; none left means none observed.
+            kept = self._queries.shape[2] - n
+            self._queries = self._queries[:, :, :kept, :] if kept > 0 else None
         return n
 
     @property
@@ -1484,6 +1524,7 @@ class CompressedKVCache(_BaseCache):
         v = [] if _is_empty_state(v) else list(v)
         self.allocations = 0
         self._kept_scores = self._pending_scores = None
+        self._queries, self._scale = None, 1.0
         self.left_padding = None
         # A batch ends with its per-row offset and left padding (1-D arrays).
         if v and getattr(v[-1], "ndim", None) == 1:
@@ -1517,11 +1558,12 @@ class CompressedKVCache(_BaseCache):
         budget, keep_recent, policy, scope, sink, margin, floor, compactions, offset = (
             v[:9]
         )
+
         self.budget, self.keep_recent = int(budget), int(keep_recent)
         self.policy, self.scope = policy, scope
         self.sink_tokens, self.margin = int(sink), int(margin)
         _check_compaction(self.budget, self.keep_recent, self.sink_tokens, self.margin)
-        _check_choice("policy", policy, KEY_SCORERS)
+        _check_choice("policy", policy, COMPACT_POLICIES)
         _check_choice("scope", scope, COMPACT_SCOPES)
         self._floor = min(int(floor), self._size)
         self.compactions = int(compactions)
@@ -1554,6 +1596,7 @@ class CompressedKVCache(_BaseCache):
             bits=bits,
         )
         quantized.offset, quantized.left_padding = self.offset, self.left_padding
+        quantized._queries, quantized._scale = self._queries, self._scale
         quantized._floor, quantized.compactions = self._floor, self.compactions
         if self.keys is not None:
             keys, values = self.state[:2]
@@ -1884,13 +1927,79 @@ def score_keydiff(keys: mx.array) -> mx.array:
     return -(k @ mx.swapaxes(mean_unit, -1, -2))[..., 0] * inverse
 
 
-# A policy is nothing but a function from keys [..., T, D] to scores [..., T]:
-# the higher the score, the more a token deserves to stay.
+# Queries a query-aware policy reads (SnapKV's observation window; the paper
+# uses 32, kvpress 64), and how many tokens after an attended key share its
+# score (a power of two).
+SNAPKV_WINDOW = 64
+SNAPKV_SPREAD = 16
+
+
+def _spread_forward(x: mx.array, width: int) -> mx.array:
+    """Each position's maximum over itself and the ``width - 1`` before it,
+    along the last axis (doubling the span per step: log2(width) maxima)."""
+    span = 1
+    while span < width:
+        before = mx.pad(x, [(0, 0)] * (x.ndim - 1) + [(span, 0)])[..., : x.shape[-1]]
+        x = mx.maximum(x, before)
+        span *= 2
+    return x
+
+
+def score_snapkv(
+    keys: mx.array,
+    queries: mx.array,
+    scale: float,
+    left_padding: Optional[mx.array] = None,
+) -> mx.array:
+    """SnapKV (arXiv 2404.14469): keep the keys that the newest queries (the
+    question, after a prompt) attend to most. ``keys`` [B, H, T, D] are one
+    layer's slots, ``queries`` [B, H * n_rep, w, D] its ``w`` newest queries,
+    which are also its ``w`` newest slots; the first ``left_padding`` slots
+    of each row (one count per row) are no tokens. A key scores the softmax
+    weight it gets, averaged over those queries and the query heads sharing
+    its KV head.
+
+    SnapKV then pools each score with its neighbours on both sides; here a
+    key's score goes to the ``SNAPKV_SPREAD - 1`` tokens after it instead. A
+    question attends to the words that name what it asks for, and the answer
+    is what follows them: with SmolLM2 (README, "Question-aware eviction") the
+    symmetric pooling kept the needle's key but lost its value.
+    """
+    B, H, T, D = keys.shape
+    w = queries.shape[2]
+    q = queries.astype(mx.float32).reshape(B, H, -1, w, D) * scale
+    logits = q @ mx.swapaxes(keys.astype(mx.float32), -1, -2)[:, :, None]
+    slot, query_slot = mx.arange(T), T - w + mx.arange(w)
+    hidden = slot[None] > query_slot[:, None]
+    if left_padding is None:
+        logits = mx.where(hidden, mx.array(-mx.inf, mx.float32), logits)
+        weights = mx.mean(mx.softmax(logits, axis=-1), axis=(2, 3))
+    else:
+        # Padding slots are hidden from every query, and padding queries
+        # (which would see nothing) are left out of the mean.
+        pad = left_padding.reshape(B, 1, 1, 1, 1)
+        hidden = hidden | (slot < pad)
+        real = query_slot[:, None] >= pad
+        logits = mx.where(hidden | ~real, mx.array(-mx.inf, mx.float32), logits)
+        logits = mx.where(real, logits, 0.0)
+        weights = mx.softmax(logits, axis=-1) * real
+        n_real = mx.sum(real, axis=(3, 4)) * q.shape[2]
+        weights = mx.sum(weights, axis=(2, 3)) / mx.maximum(n_real, 1)
+    # In logarithms: select_kept compares scores to 1e-4, and weights are
+    # mostly far smaller than that.
+    return mx.log(_spread_forward(weights, SNAPKV_SPREAD))
+
+
+# A policy is nothing but a scoring function: the higher the score, the more
+# a token deserves to stay. Key scorers map keys [..., T, D] to [..., T];
+# query scorers also read the newest queries (see score_snapkv).
 KEY_SCORERS = {
     "l2-low": score_l2_low,
     "l2-high": score_l2_high,
     "keydiff": score_keydiff,
 }
+QUERY_SCORERS = {"snapkv": score_snapkv}
+COMPACT_POLICIES = {**KEY_SCORERS, **QUERY_SCORERS}
 # Policies under which a token's score depends on its own key alone, so that
 # a score once computed stays valid while the token is kept.
 PER_TOKEN_POLICIES = {"l2-low", "l2-high"}
@@ -1926,6 +2035,10 @@ def select_kept(
 
 
 COMPACT_SCOPES = ("model", "layer", "head")
+COMPACT_MODES = ("stream", "once")
+# Without a question at the end of what was read (streaming through a long
+# prompt) attention says little about what is needed later: keydiff there.
+DEFAULT_COMPACT_POLICY = {"once": "snapkv", "stream": "keydiff"}
 WINDOW_STRATEGIES = ("fifo", "fixed", "attention")
 KV_BITS = (2, 3, 4, 5, 6, 8)
 KV_GROUP_SIZES = (32, 64, 128)
@@ -2010,14 +2123,14 @@ class KVCacheConfig:
     quantized_kv_start: int = 0
     compact_kv_budget: Optional[int] = None
     compact_keep_recent: int = 32
-    # Defaults measured with benchmarks/eval_long_context.py on the demo model
-    # (README, "Measured quality, and the defaults it chose"): keydiff kept full
-    # passkey recall with 25-75% of the context evicted, and per head it stayed
-    # closer to the full cache's perplexity than per layer at 50% and 75%.
-    compact_policy: str = "keydiff"
+    # Defaults chosen with benchmarks/eval_ruler.py on SmolLM2 and Gemma-3
+    # (README, "Measured quality, and the defaults it chose"). None: the policy
+    # that scored best in compact_mode (DEFAULT_COMPACT_POLICY).
+    compact_policy: Optional[str] = None
     compact_scope: str = "head"
     compact_sink_tokens: int = 0
     compact_margin: Optional[int] = None
+    compact_mode: str = "stream"
     window_size: Optional[int] = None
     window_strategy: str = "fifo"
     window_prefix: int = 0
@@ -2035,8 +2148,10 @@ class KVCacheConfig:
         _check_int("compact_keep_recent", self.compact_keep_recent, 0)
         _check_int("compact_sink_tokens", self.compact_sink_tokens, 0)
         _check_int("compact_margin", self.compact_margin, 1, optional=True)
-        _check_choice("compact_policy", self.compact_policy, KEY_SCORERS)
+        if self.compact_policy is not None:
+            _check_choice("compact_policy", self.compact_policy, COMPACT_POLICIES)
         _check_choice("compact_scope", self.compact_scope, COMPACT_SCOPES)
+        _check_choice("compact_mode", self.compact_mode, COMPACT_MODES)
         if self.compact_kv_budget is not None:
             protected = self.compact_keep_recent + self.compact_sink_tokens
             if self.compact_kv_budget <= protected:
@@ -2062,6 +2177,11 @@ class KVCacheConfig:
             raise ValueError(
                 f"choose one way to bound the KV cache, got {' and '.join(bounds)}"
             )
+
+    @property
+    def policy(self) -> str:
+        """``compact_policy``, or the default for ``compact_mode`` when None."""
+        return self.compact_policy or DEFAULT_COMPACT_POLICY[self.compact_mode]
 
     @property
     def evicts(self) -> bool:
