@@ -91,7 +91,12 @@ def random_prompt(n, vocab, seed=0):
 def cache_options(budget, keep_recent):
     if budget is None:
         return {}
-    return {"compact_kv_budget": budget, "compact_keep_recent": keep_recent}
+    # Streaming compaction: the cache stays near the budget during the prompt too.
+    return {
+        "compact_kv_budget": budget,
+        "compact_keep_recent": keep_recent,
+        "compact_mode": "stream",
+    }
 
 
 def run_generation(model, prompt, budget, keep_recent, max_tokens, prefill_step):
@@ -372,7 +377,8 @@ def quality_configs(args):
         for policy in args.policies:
             for scope in args.scopes:
                 setups.append(
-                    f"compact_kv_budget={kept}+compact_policy={policy}+compact_scope={scope}"
+                    f"compact_kv_budget={kept}+compact_policy={policy}"
+                    f"+compact_scope={scope}+compact_mode=stream"
                 )
     return ",".join(setups)
 

@@ -227,7 +227,12 @@ def main():
         (f"max_kv_size={b}", "max_kv_size", {"max_kv_size": b}, True),
         ("kv_bits=8", "kv_bits=8", {"kv_bits": 8}, True),
         ("kv_bits=4", "kv_bits=4", {"kv_bits": 4}, True),
-        (f"compact_kv_budget={b}", "compact", {"compact_kv_budget": b}, False),
+        (
+            f"compact_kv_budget={b}",
+            "compact",
+            {"compact_kv_budget": b, "compact_mode": "stream"},
+            False,
+        ),
         (f"window_size={b}", "window", {"window_size": b}, False),
     ]
     rows = []

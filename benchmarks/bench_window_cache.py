@@ -55,7 +55,14 @@ def setups(window, prefix, span):
             dict(size, window_strategy="attention", window_prefix=prefix),
         ),
     ] + [
-        (f"compact {policy}", {"compact_kv_budget": window, "compact_policy": policy})
+        (
+            f"compact {policy}",
+            {
+                "compact_kv_budget": window,
+                "compact_policy": policy,
+                "compact_mode": "stream",
+            },
+        )
         for policy in KEY_SCORERS
     ]
 

@@ -72,10 +72,10 @@ FAMILIES = {
     },
 }
 QUICK_FAMILIES = [
-    "keydiff",
-    "keydiff sink4",
     "snapkv once",
     "keydiff once",
+    "keydiff",
+    "keydiff sink4",
     "max_kv_size",
 ]
 

@@ -129,7 +129,9 @@ def measure_load(path: Path, repeats: int):
 
 
 def run_generation(model, prompt, max_tokens, budget):
-    options = {} if budget is None else {"compact_kv_budget": budget}
+    options = {}
+    if budget is not None:
+        options = {"compact_kv_budget": budget, "compact_mode": "stream"}
     cache = make_prompt_cache(model, **options)
     start = time.perf_counter()
     n = 0

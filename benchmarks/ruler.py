@@ -81,12 +81,18 @@ class Haystacks:
         return len(self.tokenizer.encode(text, add_special_tokens=False))
 
     def essay(self, n_tokens, rng):
-        """Consecutive paragraphs from a random start, wrapping around."""
+        """Consecutive paragraphs from a random start, wrapping around; the
+        last one cut to the words that fill ``n_tokens``."""
         start = rng.randrange(len(self.paragraphs))
         out, total, i = [], 0, start
         while total < n_tokens:
-            out.append(self.paragraphs[i])
-            total += self.lengths[i]
+            paragraph, size = self.paragraphs[i], self.lengths[i]
+            if total + size > n_tokens:
+                words = paragraph.split()
+                n = -(-(n_tokens - total) * len(words) // size)
+                paragraph = " ".join(words[:n]).rstrip(".,;:") + "."
+            out.append(paragraph)
+            total += size
             i = (i + 1) % len(self.paragraphs)
         return out
 
@@ -95,11 +101,21 @@ class Haystacks:
 
 
 def _plant(chunks, needles, depths):
-    """Insert each needle before the chunk at its depth (percent)."""
+    """Insert each needle as its own line at its depth (percent of the
+    characters), at the sentence end nearest to it: a paragraph is split
+    there when the depth falls inside one."""
     chunks = list(chunks)
-    spots = sorted(zip(depths, range(len(needles))), reverse=True)
-    for depth, i in spots:
-        chunks.insert(round(depth / 100 * len(chunks)), needles[i])
+    for depth, needle in sorted(zip(depths, needles), reverse=True):
+        target = depth / 100 * sum(len(c) + 1 for c in chunks)
+        seen = 0
+        for i, chunk in enumerate(chunks):
+            if seen + len(chunk) + 1 >= target:
+                break
+            seen += len(chunk) + 1
+        ends = [0, len(chunk)] + [m.end() for m in re.finditer(r"[.;!?] ", chunk)]
+        cut = min(ends, key=lambda e: abs(seen + e - target))
+        head, tail = chunk[:cut].rstrip(), chunk[cut:].lstrip()
+        chunks[i : i + 1] = [x for x in (head, needle, tail) if x]
     return chunks
 
 
