@@ -193,7 +193,8 @@ class Run:
         self.tasks, self.docs, self.n_scored = tasks, docs, n_scored
         self.step, self.log = prefill_step, log
         self.shared = {}  # (layout, item) -> prefilled once-mode cache
-        self.shared_peak = {}  # (layout, item) -> peak memory of that prefill
+        # (layout, item) -> memory that prefill added at its peak
+        self.shared_peak = {}
         self.peaks = []  # shared prefills the current setup used
 
     def _cache(self, config, item, tokens):
@@ -204,16 +205,18 @@ class Run:
             return cache, False
         key = (layout(self.model, config), item)
         if key not in self.shared:
+            held = mx.get_active_memory()
             mx.reset_peak_memory()
             prefill(self.model, cache, config, tokens, self.step)
             self.shared[key] = cache
-            self.shared_peak[key] = mx.get_peak_memory()
+            self.shared_peak[key] = mx.get_peak_memory() - held
         self.peaks.append(self.shared_peak[key])
         return reconfigure(fork(self.shared[key]), config), True
 
     def setup(self, name, config, full=None):
         record = {"name": name, "options": {}, "tasks": {}, "evicted": 0}
         self.peaks = []
+        before = mx.get_active_memory()  # the model and the shared prefills
         mx.reset_peak_memory()
         started = time.perf_counter()
         held = []
@@ -253,7 +256,10 @@ class Run:
         record["kept"] = sum(h["kept"] for h in held) / len(held)
         record["kv_bytes"] = max(h["kv_bytes"] for h in held)
         # A shared prefill counts for every setup that continued from it.
-        record["peak_bytes"] = max([mx.get_peak_memory()] + self.peaks)
+        # Memory added over what was held before, at the peak; a shared
+        # prefill counts for every setup that continued from it.
+        added = mx.get_peak_memory() - before
+        record["peak_added_bytes"] = max([added] + self.peaks)
         record["seconds"] = round(time.perf_counter() - started, 1)
         return record
 

@@ -2130,7 +2130,7 @@ class KVCacheConfig:
     compact_scope: str = "head"
     compact_sink_tokens: int = 0
     compact_margin: Optional[int] = None
-    compact_mode: str = "stream"
+    compact_mode: str = "once"
     window_size: Optional[int] = None
     window_strategy: str = "fifo"
     window_prefix: int = 0
