@@ -27,6 +27,7 @@ import argparse
 import copy
 import json
 import math
+import random
 import sys
 import time
 from pathlib import Path
@@ -34,7 +35,12 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_lm.generate import cache_hook, generate_step
-from mlx_lm.models.cache import CompressedKVCache, KVCacheConfig, make_prompt_cache
+from mlx_lm.models.cache import (
+    CompressedKVCache,
+    KVCacheConfig,
+    default_compact_margin,
+    make_prompt_cache,
+)
 from mlx_lm.utils import load
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -135,7 +141,7 @@ def reconfigure(cache, config):
     for layer in cache:
         if isinstance(layer, CompressedKVCache):
             layer.budget = config.compact_kv_budget
-            layer.margin = CompressedKVCache(layer.budget).margin
+            layer.margin = config.compact_margin or default_compact_margin(layer.budget)
             layer.policy = config.policy
             layer.scope = config.compact_scope
             layer.sink_tokens = config.compact_sink_tokens
@@ -188,10 +194,10 @@ def held_stats(cache):
 class Run:
     """Every setup over one model's tasks and documents at one length."""
 
-    def __init__(self, model, tokenizer, tasks, docs, n_scored, prefill_step, log):
+    def __init__(self, model, tokenizer, tasks, docs, n_scored, prefill_step):
         self.model, self.tokenizer = model, tokenizer
         self.tasks, self.docs, self.n_scored = tasks, docs, n_scored
-        self.step, self.log = prefill_step, log
+        self.step = prefill_step
         self.shared = {}  # (layout, item) -> prefilled once-mode cache
         # (layout, item) -> memory that prefill added at its peak
         self.shared_peak = {}
@@ -275,9 +281,7 @@ def evaluate_length(model, tokenizer, chat, length, families, shares, args, log)
     )
     docs = make_docs(tokenizer, length, args.docs, args.seed)
     # First check: the full cache, on every task.
-    probe = Run(
-        model, tokenizer, all_tasks, docs, args.score_tokens, args.prefill_step, log
-    )
+    probe = Run(model, tokenizer, all_tasks, docs, args.score_tokens, args.prefill_step)
     full = probe.setup("full", KVCacheConfig())
     means = task_means(full, ruler.TASKS)
     kept = [t for t, m in means.items() if m >= args.pass_score]
@@ -287,7 +291,7 @@ def evaluate_length(model, tokenizer, chat, length, families, shares, args, log)
         raise SystemExit(f"the full cache passes no task at {length} tokens")
     full["tasks"] = {t: full["tasks"][t] for t in kept}
     tasks = [t for t in all_tasks if t.name in kept]
-    run = Run(model, tokenizer, tasks, docs, args.score_tokens, args.prefill_step, log)
+    run = Run(model, tokenizer, tasks, docs, args.score_tokens, args.prefill_step)
     records = [full]
     for family in families:
         for share in shares:
@@ -330,8 +334,6 @@ def full_score(records):
 def make_docs(tokenizer, length, n_docs, seed):
     """Natural-text documents of ``length`` tokens (BOS first where the
     tokenizer has one), from paragraphs other than a task's haystack start."""
-    import random
-
     hay = ruler.Haystacks(tokenizer)
     docs = []
     for i in range(n_docs):

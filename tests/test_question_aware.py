@@ -8,7 +8,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-from helpers import tiny_model, tiny_tokenizer
+from helpers import tiny_model
 
 from mlx_lm.generate import cache_hook, generate_step, main
 from mlx_lm.models.cache import (

@@ -69,7 +69,7 @@ class TestSharedPrefill(unittest.TestCase):
             task.max_tokens = 6
 
     def test_forked_once_caches_answer_as_a_fresh_run(self):
-        run = eval_ruler.Run(self.model, self.tokenizer, self.tasks, [], 1, 64, None)
+        run = eval_ruler.Run(self.model, self.tokenizer, self.tasks, [], 1, 64)
         for budget, policy in ((200, "snapkv"), (120, "keydiff"), (200, "keydiff")):
             config = KVCacheConfig(
                 compact_kv_budget=budget, compact_policy=policy, compact_mode="once"
