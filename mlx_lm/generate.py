@@ -3,6 +3,7 @@
 
 import argparse
 import json
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -14,6 +15,11 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .models import cache as kv
+from .models.cache_hook import (
+    cache_hook,
+    maybe_compact_kv_cache,
+    maybe_quantize_kv_cache,
+)
 from .sample_utils import make_logits_processors, make_sampler
 from .tokenizer_utils import TokenizerWrapper
 
@@ -50,130 +56,6 @@ class GenerationResponse:
     prompt_tps: float
     peak_memory: float
     finish_reason: Optional[str] = None
-
-
-def maybe_quantize_kv_cache(prompt_cache, quantized_kv_start, kv_group_size, kv_bits):
-    """Swap full-precision layers for quantized ones once they hold enough tokens.
-
-    ``kv_group_size`` is the model's group, decided once by
-    :meth:`~mlx_lm.models.cache.KVCacheConfig.for_model`: a layer converted on
-    an earlier step must meet the same group on every later one.
-    """
-    if kv_bits is None:
-        return
-    if kv_group_size is None:
-        raise ValueError(
-            f"kv_bits={kv_bits} needs a kv_group_size; "
-            "KVCacheConfig.for_model(model) decides it"
-        )
-    for i, layer in enumerate(prompt_cache):
-        if hasattr(layer, "to_quantized") and layer.offset >= quantized_kv_start:
-            prompt_cache[i] = layer.to_quantized(group_size=kv_group_size, bits=kv_bits)
-
-
-def maybe_compact_kv_cache(prompt_cache, config: Optional[kv.KVCacheConfig] = None):
-    """Evict by key score in every compressed layer that has outgrown its budget.
-
-    Hysteresis: a layer is compacted back to ``budget`` tokens only once it holds
-    more than ``budget + margin``, so the cost of one pass over the layer is spread
-    over ``margin`` tokens. The decision compares Python integers, so it adds no
-    synchronisation to the pipelined decode step. With ``config`` asking for
-    compression, a cache without compressed layers is a ``ValueError``.
-    """
-    if config is not None and config.compact_kv_budget is not None:
-        _check_compressed(prompt_cache, config)
-    kv.compact_prompt_cache(prompt_cache)
-
-
-def _window_tokens(layer) -> Optional[int]:
-    """Most tokens a windowed layer holds; None for any other cache."""
-    if isinstance(layer, kv.RotatingKVCache):
-        return layer.max_size
-    if isinstance(layer, kv.SlidingWindowKVCache):
-        return layer.window_size
-    return None
-
-
-def _check_compressed(prompt_cache, config: kv.KVCacheConfig):
-    layers = [
-        (i, c)
-        for i, c in enumerate(prompt_cache)
-        if isinstance(c, kv.CompressedKVCache)
-    ]
-    # A model whose every layer slides gets windows no wider than the budget
-    # (make_prompt_cache): nothing is left to compress.
-    windows = [_window_tokens(c) for c in prompt_cache]
-    narrow = [w is not None and w <= config.compact_kv_budget for w in windows]
-    if not layers and not (narrow and all(narrow)):
-        raise ValueError(
-            f"compact_kv_budget={config.compact_kv_budget} was requested but the "
-            "prompt cache has no compressed layers; build it with "
-            "make_prompt_cache(model, compact_kv_budget=...)"
-        )
-    for i, layer in layers:
-        if layer.budget != config.compact_kv_budget:
-            raise ValueError(
-                f"layer {i} of the prompt cache has budget {layer.budget} but "
-                f"compact_kv_budget={config.compact_kv_budget} was requested"
-            )
-
-
-def _check_windowed(prompt_cache, config: kv.KVCacheConfig):
-    """A window was asked for: no layer may be an unbounded cache."""
-    for i, layer in enumerate(prompt_cache):
-        if type(layer) in (kv.KVCache, kv.QuantizedKVCache):
-            raise ValueError(
-                f"window_size={config.window_size} was requested but layer {i} of "
-                f"the prompt cache is an unbounded {type(layer).__name__}; build it "
-                "with make_prompt_cache(model, window_size=...)"
-            )
-
-
-def cache_hook(
-    config: kv.KVCacheConfig, prompt_cache: Optional[List[Any]] = None
-) -> Callable[..., None]:
-    """What to run on the cache after each model call: ``hook(cache)`` after a
-    decode step, ``hook(cache, prompt=True)`` after a prompt chunk.
-
-    Compaction comes first, then quantization. Compaction is installed when
-    ``config`` asks for it or ``prompt_cache`` (checked against ``config`` here)
-    has compressed layers. With ``compact_mode="stream"`` it runs after every
-    call; with ``"once"`` prompt chunks are held whole and the first decode step
-    after them compacts the prompt to the budget (``compact_prompt_cache`` with
-    no slack), so a query-aware policy sees the end of the prompt. With
-    ``kv_bits``, ``config`` must come from
-    :meth:`~mlx_lm.models.cache.KVCacheConfig.for_model` (or name a
-    ``kv_group_size``).
-    """
-    if config.kv_bits is not None and config.kv_group_size is None:
-        raise ValueError(
-            f"kv_bits={config.kv_bits} needs a kv_group_size; "
-            "KVCacheConfig.for_model(model) decides it"
-        )
-    compressed = any(isinstance(c, kv.CompressedKVCache) for c in prompt_cache or ())
-    if config.compact_kv_budget is not None and prompt_cache is not None:
-        _check_compressed(prompt_cache, config)
-    compacts = config.compact_kv_budget is not None or compressed
-    once = config.compact_mode == "once"
-    if config.window_size is not None and prompt_cache is not None:
-        _check_windowed(prompt_cache, config)
-    held = False  # once: prompt chunks arrived since the last compaction
-
-    def run(cache, prompt=False):
-        nonlocal held
-        if compacts and once and prompt:
-            held = True
-        elif compacts and held:
-            kv.compact_prompt_cache(cache, slack=0)
-            held = False
-        elif compacts:
-            maybe_compact_kv_cache(cache)
-        if config.kv_bits is not None:
-            maybe_quantize_kv_cache(
-                cache, config.quantized_kv_start, config.kv_group_size, config.kv_bits
-            )
-
-    return run
 
 
 def _kv_config(kv_config, **options) -> kv.KVCacheConfig:
@@ -495,6 +377,16 @@ def _encode_prompt(tokenizer, prompt):
     return mx.array(prompt)
 
 
+def _kv_cache_alias(kwargs: dict):
+    """``kv_cache=`` (the name VeloxQuant-MLX's examples use) is ``prompt_cache=``."""
+    if "kv_cache" not in kwargs:
+        return
+    cache = kwargs.pop("kv_cache")
+    if kwargs.get("prompt_cache") is not None and cache is not kwargs["prompt_cache"]:
+        raise ValueError("pass the cache as prompt_cache or as kv_cache, not both")
+    kwargs["prompt_cache"] = cache
+
+
 def stream_generate(
     model: nn.Module,
     tokenizer: Union[TokenizerWrapper, Any],
@@ -509,6 +401,7 @@ def stream_generate(
     ``draft_model`` (same tokenizer) decoding is speculative. Remaining keyword arguments
     go to :func:`generate_step` or :func:`speculative_generate_step`.
     """
+    _kv_cache_alias(kwargs)
     if not isinstance(tokenizer, TokenizerWrapper):
         tokenizer = TokenizerWrapper(tokenizer)
     prompt = _encode_prompt(tokenizer, prompt)
@@ -568,6 +461,7 @@ def generate(
 ) -> str:
     """Return the whole generated text; with ``verbose`` stream it and print statistics
     (with eviction counts when the KV cache is bounded)."""
+    _kv_cache_alias(kwargs)
     bounded = False
     if verbose:
         print("=" * 10)
@@ -658,6 +552,12 @@ def _batch_cache(model, config: kv.KVCacheConfig, padding: List[int]) -> List[An
         if isinstance(layer, kv.RotatingKVCache):
             layers.append(kv.BatchKVCache(padding))
             continue
+        if config.method is not None:
+            codecs = kv.method_codecs(config, kv.model_head_dim(model), len(layers))
+            layers.append(
+                kv.CodecCompressedKVCache.from_config(config, padding, codecs)
+            )
+            continue
         layer = kv.CompressedKVCache.from_config(config, left_padding=padding)
         if config.kv_bits is not None:
             layer = layer.to_quantized(config.kv_group_size, config.kv_bits)
@@ -708,7 +608,10 @@ def batch_generate(
     ]
     if config.kv_bits is not None and config.compact_kv_budget is None:
         unsupported.append(f"kv_bits={config.kv_bits} without compact_kv_budget")
-    if config.kv_bits is not None and config.quantized_kv_start > 0:
+    if config.method is not None and config.compact_kv_budget is None:
+        unsupported.append(f"method={config.method!r} without compact_kv_budget")
+    quantizes = config.kv_bits is not None or config.method is not None
+    if quantizes and config.quantized_kv_start > 0:
         unsupported.append(f"quantized_kv_start={config.quantized_kv_start}")
     if unsupported:
         raise ValueError(f"batch_generate does not support {', '.join(unsupported)}")
@@ -879,7 +782,28 @@ def add_kv_cache_arguments(p: argparse.ArgumentParser):
         type=int,
         help="Keep the first 4 and the most recent tokens, at most this many per layer",
     )
-    g.add_argument("--kv-bits", type=int, help=f"Quantize the KV cache {kv.KV_BITS}")
+    g.add_argument(
+        "--kv-bits",
+        type=int,
+        help=f"Quantize the KV cache with affine groups {kv.KV_BITS}, or the keys "
+        "of --kv-method with this many bits",
+    )
+    g.add_argument(
+        "--kv-method",
+        help=f"KV quantization method: {', '.join(kv.kv_quant.KV_METHODS)} "
+        '(README, "KV quantization methods")',
+    )
+    g.add_argument(
+        "--kv-value-bits",
+        type=int,
+        help="Bits of the values under --kv-method (16: float16; default 2); "
+        "with --kv-bits alone, affine values of this width (e.g. K8/V4)",
+    )
+    g.add_argument(
+        "--kv-calibration",
+        help="Folder written by python -m mlx_lm.calibrate_kv, for the "
+        "calibrated methods",
+    )
     g.add_argument(
         "--kv-group-size",
         type=int,
@@ -957,15 +881,46 @@ def add_kv_cache_arguments(p: argparse.ArgumentParser):
     )
 
 
+# Config fields whose flag is not the field's own name.
+_FLAGS = {
+    "method": "--kv-method",
+    "bits": "--kv-bits",
+    "value_bits": "--kv-value-bits",
+    "calibration": "--kv-calibration",
+}
+
+
 def kv_config_from_args(args: argparse.Namespace) -> kv.KVCacheConfig:
-    """Build the cache options from parsed flags; a ``ValueError`` names the flag."""
+    """Build the cache options from parsed flags; a ``ValueError`` names the flag.
+
+    With ``--kv-method`` the ``--kv-bits`` are the method's key bits; without
+    it ``--kv-bits`` quantizes with affine groups, asymmetrically (method
+    ``affine``) when ``--kv-value-bits`` is given too.
+    """
     names = [f.name for f in kv_fields(kv.KVCacheConfig)]
+    options = {n: getattr(args, n) for n in names if n not in kv.METHOD_FIELDS}
+    method = getattr(args, "kv_method", None)
+    value_bits = getattr(args, "kv_value_bits", None)
+    if method is None and value_bits is not None:
+        if args.kv_bits is None:
+            raise ValueError("--kv-value-bits needs --kv-bits or --kv-method")
+        method = "affine"
+    if method is not None:
+        options.update(method=method, kv_bits=None)
+        if args.kv_bits is not None:
+            options["bits"] = args.kv_bits
+        if value_bits is not None:
+            options["value_bits"] = value_bits
+    if getattr(args, "kv_calibration", None) is not None:
+        options["calibration"] = args.kv_calibration
     try:
-        return kv.KVCacheConfig(**{n: getattr(args, n) for n in names})
+        return kv.KVCacheConfig(**options)
     except ValueError as e:
         message = str(e)
-        for n in sorted(names, key=len, reverse=True):
-            message = message.replace(n, "--" + n.replace("_", "-"))
+        flags = {n: "--" + n.replace("_", "-") for n in names}
+        flags.update(_FLAGS)
+        pattern = r"\b(" + "|".join(sorted(flags, key=len, reverse=True)) + r")\b"
+        message = re.sub(pattern, lambda m: flags[m.group(1)], message)
         raise ValueError(message) from None
 
 

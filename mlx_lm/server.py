@@ -19,6 +19,7 @@ error in OpenAI's format.
 import argparse
 import json
 import queue
+import re
 import select
 import socket
 import sys
@@ -26,7 +27,7 @@ import threading
 import time
 import traceback
 import uuid
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Dict, List, Optional
@@ -44,6 +45,7 @@ from .generate import (
     stream_generate,
 )
 from .models.cache import (
+    METHOD_FIELDS,
     KVCacheConfig,
     cache_eviction_stats,
     can_trim_prompt_cache,
@@ -60,7 +62,14 @@ DEFAULT_MODEL_ALIAS = "default_model"
 MAX_TOP_LOGPROBS = 20
 MAX_STOP_SEQUENCES = 16
 
-KV_OPTIONS = tuple(f.name for f in fields(KVCacheConfig))
+# Memory options a request may name: the config's own fields, and a
+# quantization method under the command line's names (kv_method, kv_bits as
+# its key bits, kv_value_bits).
+KV_OPTIONS = tuple(
+    f.name for f in fields(KVCacheConfig) if f.name not in METHOD_FIELDS
+) + ("kv_method", "kv_value_bits")
+# Fields of a config that hold arrays or objects, left out of reports.
+KV_ARTIFACTS = ("codebook", "smooth_factors", "rotations", "outlier_observer")
 # The ways of bounding a cache exclude each other: a request naming one replaces
 # whichever the server was started with.
 KV_BOUNDS = ("max_kv_size", "compact_kv_budget", "window_size")
@@ -310,12 +319,38 @@ def request_kv_config(base: KVCacheConfig, body: dict) -> KVCacheConfig:
     overrides = {k: body[k] for k in KV_OPTIONS if body.get(k) is not None}
     if any(k in overrides for k in KV_BOUNDS):
         base = replace(base, **{k: None for k in KV_BOUNDS})
+    method = overrides.pop("kv_method", None)
+    value_bits = overrides.pop("kv_value_bits", None)
+    if method is None and value_bits is not None and base.method is None:
+        if overrides.get("kv_bits") is None:
+            raise APIError(
+                400,
+                "kv_value_bits needs kv_bits or kv_method",
+                param="kv_value_bits",
+                code="invalid_kv_cache_option",
+            )
+        method = "affine"
+    if method is not None or (base.method is not None and value_bits is not None):
+        overrides["method"] = method or base.method
+    if "method" in overrides or base.method is not None:
+        # Under a method, kv_bits are its key bits.
+        if overrides.get("kv_bits") is not None:
+            overrides["bits"] = overrides.pop("kv_bits")
+        if value_bits is not None:
+            overrides["value_bits"] = value_bits
+        base = replace(base, kv_bits=None)
     try:
         return KVCacheConfig.from_options(base, **overrides)
     except ValueError as e:
         message = str(e)
-        named = [k for k in overrides if k in message] or [None]
-        raise APIError(400, message, param=named[0], code="invalid_kv_cache_option")
+        names = {
+            "method": "kv_method",
+            "value_bits": "kv_value_bits",
+            "bits": "kv_bits",
+        }
+        named = [k for k in overrides if re.search(rf"\b{k}\b", message)] or [None]
+        param = names.get(named[0], named[0])
+        raise APIError(400, message, param=param, code="invalid_kv_cache_option")
 
 
 def parse_request(body, kind, defaults: ServerDefaults, models) -> GenerationRequest:
@@ -549,7 +584,15 @@ def cache_report(config: KVCacheConfig, cache) -> dict:
     life of the cache, so a reused cache includes earlier turns) and ``kv_bytes``,
     the bytes of keys and values held by all layers."""
     stats = cache_eviction_stats(cache)
-    report = asdict(config)
+    report = {
+        f.name: getattr(config, f.name)
+        for f in fields(config)
+        if f.name not in KV_ARTIFACTS
+    }
+    if report["calibration"] is not None:
+        report["calibration"] = str(
+            getattr(config.calibration, "path", config.calibration)
+        )
     report["compact_policy"] = config.policy
     report["tokens_evicted"] = stats["tokens_evicted"]
     report["evictions"] = stats["total_evictions"]

@@ -38,6 +38,7 @@ from mlx_lm.utils import load
 
 # The package exports a function named like the module: fetch the module itself.
 generate_module = importlib.import_module("mlx_lm.generate")
+cache_hook_module = importlib.import_module("mlx_lm.models.cache_hook")
 H, D = 2, 8
 
 
@@ -398,7 +399,7 @@ class TestHysteresisAndMemory(unittest.TestCase):
         def counting(cache, config=None):
             calls.append(1)
 
-        with mock.patch.object(generate_module, "maybe_compact_kv_cache", counting):
+        with mock.patch.object(cache_hook_module, "maybe_compact_kv_cache", counting):
             list(generate_step(prompt, model, max_tokens=4))
             self.assertEqual(calls, [])
             list(

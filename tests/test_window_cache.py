@@ -19,6 +19,7 @@ from mlx_lm.generate import (
 )
 from mlx_lm.models.base import create_causal_mask, scaled_dot_product_attention
 from mlx_lm.models.cache import (
+    ChunkedKVCache,
     CompressedKVCache,
     KVCache,
     KVCacheConfig,
@@ -627,7 +628,8 @@ class TestStats(unittest.TestCase):
 class TestValidation(unittest.TestCase):
     def test_constructor(self):
         bad = [
-            (dict(inner_cache=RotatingKVCache(4), window_size=4), "inner_cache"),
+            (dict(inner_cache=RotatingKVCache(4), window_size=8), "at most 4"),
+            (dict(inner_cache=ChunkedKVCache(4), window_size=4), "inner_cache"),
             (dict(window_size=0), "window_size"),
             (dict(window_size=4, eviction_strategy="lru"), "eviction_strategy"),
             (dict(window_size=4, fixed_prefix_size=1), "fifo"),

@@ -197,7 +197,8 @@ def scaled_dot_product_attention(
     same either way; it depends on the updated totals, so evaluating it
     computes them too. A cache with a positive ``query_window`` (a
     query-aware eviction policy) is handed the queries themselves through
-    ``cache.observe_queries``.
+    ``cache.observe_queries``. A cache whose ``use_fused_sdpa`` is false gets
+    the written-out softmax instead of the fused kernel.
     """
     if getattr(cache, "query_window", 0):
         cache.observe_queries(queries, scale)
@@ -207,8 +208,9 @@ def scaled_dot_product_attention(
         keys, values = (_dequantized(part, *quantized) for part in (keys, values))
         queries, quantized = queries.astype(mx.float32), None
     observed = getattr(cache, "observed_queries", 0)
+    fused = getattr(cache, "use_fused_sdpa", True)
     weights = None
-    if quantized or observed >= queries.shape[2]:
+    if quantized or observed >= queries.shape[2] or not fused:
         weights = _attention_weights(queries, keys, scale, mask, quantized)
         out = _weighted_values(weights, values, quantized)
     else:

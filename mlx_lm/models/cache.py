@@ -8,6 +8,7 @@ multiple of ``step``) so that appending ``n`` tokens one at a time costs
 """
 
 import copy
+import json
 import os
 import uuid
 from dataclasses import asdict, dataclass, fields, replace
@@ -17,6 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from . import kv_quant
 from .base import create_causal_mask
 
 
@@ -484,7 +486,23 @@ def _fit(x, n: int):
     return mx.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, n - x.shape[-1])])
 
 
-_WINDOW_INNER = {"KVCache": KVCache, "QuantizedKVCache": QuantizedKVCache}
+def _time_ordered(rotating: "RotatingKVCache", window_size: int):
+    """The tokens of ``rotating`` in a :class:`KVCache`, oldest first, and how
+    many it had already dropped."""
+    if rotating.max_size < window_size:
+        raise ValueError(
+            f"the inner RotatingKVCache keeps at most {rotating.max_size} tokens, "
+            f"fewer than window_size ({window_size})"
+        )
+    ordered = KVCache()
+    if rotating.keys is not None:
+        ordered.state = (
+            rotating._in_time_order(rotating.keys),
+            rotating._in_time_order(rotating.values),
+        )
+    return ordered, rotating.offset - ordered.offset
+
+
 # What validation errors call the window settings: the constructor's arguments
 # and the KVCacheConfig fields.
 _WINDOW_ARGS = (
@@ -502,8 +520,12 @@ _WINDOW_OPTIONS = (
 
 
 class SlidingWindowKVCache(_BaseCache):
-    """A bounded window of tokens stored in ``inner_cache`` (a ``KVCache`` or a
-    ``QuantizedKVCache``), which holds them in time order.
+    """A bounded window of tokens stored in ``inner_cache``, which holds them in
+    time order: a ``KVCache``, ``QuantizedKVCache`` or ``CodecKVCache``, or a
+    compressed cache of any of these storages (its own eviction by score then
+    runs within the window, and the mask shows every held token once it has
+    evicted). A ``RotatingKVCache`` of at least ``window_size`` tokens is
+    taken over, oldest first, into a ``KVCache``.
 
     ``eviction_strategy`` decides which tokens stay:
 
@@ -540,10 +562,13 @@ class SlidingWindowKVCache(_BaseCache):
         fixed_prefix_size: int = 0,
         eviction_attention_window: int = 32,
     ):
-        if type(inner_cache) not in _WINDOW_INNER.values():
+        dropped = 0
+        if isinstance(inner_cache, RotatingKVCache):
+            inner_cache, dropped = _time_ordered(inner_cache, window_size)
+        if type(inner_cache).__name__ not in _WINDOW_INNER:
             raise ValueError(
-                "inner_cache must be a KVCache or a QuantizedKVCache, got "
-                f"{type(inner_cache).__name__}"
+                f"inner_cache must be one of {sorted(_WINDOW_INNER)} or a "
+                f"RotatingKVCache, got {type(inner_cache).__name__}"
             )
         _check_window(
             window_size,
@@ -557,19 +582,18 @@ class SlidingWindowKVCache(_BaseCache):
         self.eviction_strategy = eviction_strategy
         self.fixed_prefix_size = fixed_prefix_size
         self.eviction_attention_window = eviction_attention_window
-        # Tokens already in the inner cache are positions 0 .. offset - 1.
-        self.offset = inner_cache.offset
-        self.evictions = 0
-        self.tokens_evicted = 0
+        # Tokens already seen are positions 0 .. offset - 1.
+        self.offset = inner_cache.offset + dropped
+        self.evictions = self.tokens_evicted = dropped
         # Slots present right after the last eviction: trim never goes below.
-        self._floor = 0
+        self._floor = inner_cache.size() if dropped else 0
         # "attention": weight received per slot since the last eviction, [B, H, n].
         self._scores = None
 
     # Which tokens stay.
 
     def _evicts_before(self, n_new: int) -> bool:
-        size = self.inner.offset
+        size = self.inner.size()
         ceiling = self.window_size + self.eviction_attention_window
         return size > self.window_size and size + n_new > ceiling
 
@@ -592,8 +616,18 @@ class SlidingWindowKVCache(_BaseCache):
         return kept[None, None, :, None]
 
     def _evict(self):
-        n, kept = self.inner.offset, self.window_size
+        n, kept = self.inner.size(), self.window_size
         index = self._kept_slots(n)
+        if isinstance(self.inner, CompressedKVCache):
+            # A compressed inner cache keeps its own buffers (and its offset,
+            # the next position): it gathers the survivors itself.
+            B, H = _parts(self.inner.keys)[0].shape[:2]
+            self.inner.compact(mx.broadcast_to(index[..., 0], (B, H, kept)))
+            self._floor = kept
+            self.evictions += 1
+            self.tokens_evicted += n - kept
+            self._scores = None
+            return
         # The buffers get room for exactly one block of new tokens.
         room = kept + self.eviction_attention_window
         resize = _parts(self.inner.keys)[0].shape[2] != room
@@ -642,20 +676,16 @@ class SlidingWindowKVCache(_BaseCache):
         self._scores = received
         return received
 
-    def eviction_stats(self) -> Dict[str, int]:
-        return {
-            "total_evictions": self.evictions,
-            "tokens_evicted": self.tokens_evicted,
-            "current_size": self.size(),
-        }
+    def eviction_stats(self) -> "EvictionStats":
+        return EvictionStats(self.evictions, self.tokens_evicted, self.size())
 
     # The common cache interface.
 
     def make_mask(self, N: int, return_array: bool = False, window_size=None):
-        held = self.window_size if self._evicts_before(N) else self.inner.offset
+        held = self.window_size if self._evicts_before(N) else self.inner.size()
         total, end = held + N, self.offset + N
         prefix = self.fixed_prefix_size
-        if self.eviction_strategy == "attention":
+        if self.eviction_strategy == "attention" or self._unordered():
             # Slots no longer map to positions; a model's own window can only
             # be honoured while it cannot hide anything.
             if window_size is not None and window_size < end:
@@ -678,8 +708,24 @@ class SlidingWindowKVCache(_BaseCache):
             visible = visible & (distance < window_size)
         return visible
 
+    def _unordered(self) -> bool:
+        """Whether slots stopped matching positions: an inner compressed cache
+        that evicted by score. The mask then shows every held token."""
+        return getattr(self.inner, "compactions", 0) > 0
+
+    @property
+    def query_window(self) -> int:
+        return getattr(self.inner, "query_window", 0)
+
+    @property
+    def use_fused_sdpa(self) -> bool:
+        return getattr(self.inner, "use_fused_sdpa", True)
+
+    def observe_queries(self, queries, scale):
+        self.inner.observe_queries(queries, scale)
+
     def size(self) -> int:
-        return self.inner.offset
+        return self.inner.size()
 
     def empty(self) -> bool:
         return self.inner.empty()
@@ -704,10 +750,10 @@ class SlidingWindowKVCache(_BaseCache):
     def trim(self, n: int) -> int:
         """Drop the newest ``n`` tokens; refused (returns 0) when that would
         reach tokens that were there at the last eviction."""
-        n = min(self.inner.offset, n)
-        if n > self.inner.offset - self._floor:
+        n = min(self.inner.size(), n)
+        if n > self.inner.size() - self._floor:
             return 0
-        self.inner.trim(n)
+        n = self.inner.trim(n)
         self.offset -= n
         return n
 
@@ -731,7 +777,7 @@ class SlidingWindowKVCache(_BaseCache):
         inner = self.inner.state
         if self._scores is None or _is_empty_state(inner):
             return [inner]
-        return [inner, _fit(self._scores, self.inner.offset)]
+        return [inner, _fit(self._scores, self.inner.size())]
 
     @state.setter
     def state(self, v):
@@ -770,7 +816,7 @@ class SlidingWindowKVCache(_BaseCache):
         counters = (int(x) for x in v[5:9])
         self.offset, self._floor, self.evictions, self.tokens_evicted = counters
         self.inner.meta_state = tuple(v[9:]) or ""
-        self._floor = min(self._floor, self.inner.offset)
+        self._floor = min(self._floor, self.inner.size())
 
     @classmethod
     def from_state(cls, state, meta_state):
@@ -781,7 +827,7 @@ class SlidingWindowKVCache(_BaseCache):
                 f"got {name!r}"
             )
         cache = cls.__new__(cls)
-        cache.inner = _WINDOW_INNER[name]()
+        cache.inner = _WINDOW_INNER[name].__new__(_WINDOW_INNER[name])
         cache.state = state
         cache.meta_state = meta_state
         return cache
@@ -1291,6 +1337,9 @@ class CompressedKVCache(_BaseCache):
     def _encode(self, x):
         return x
 
+    def _encoded(self, keys, values) -> tuple:
+        return _parts(self._encode(keys)) + _parts(self._encode(values))
+
     def _pack(self, parts):
         return parts[0]
 
@@ -1313,7 +1362,7 @@ class CompressedKVCache(_BaseCache):
         return _round_up(n + self.margin + 1, self.step)
 
     def update_and_fetch(self, keys, values):
-        parts = _parts(self._encode(keys)) + _parts(self._encode(values))
+        parts = self._encoded(keys, values)
         start, stop = self._size, self._size + keys.shape[2]
         capacity = self._capacity()
         if stop > capacity:
@@ -1570,7 +1619,7 @@ class CompressedKVCache(_BaseCache):
         if offset != "batch":
             self.offset = int(offset)
 
-    def eviction_stats(self) -> Dict[str, int]:
+    def eviction_stats(self) -> "EvictionStats":
         """Compactions so far, tokens they evicted and slots now held."""
         if self.left_padding is None:
             evicted = self.offset - self._size
@@ -1578,11 +1627,7 @@ class CompressedKVCache(_BaseCache):
             # Real tokens fed minus real tokens held, summed over rows.
             held = self._size - self.left_padding
             evicted = mx.sum(self.offset - held).item()
-        return {
-            "total_evictions": self.compactions,
-            "tokens_evicted": evicted,
-            "current_size": self._size,
-        }
+        return EvictionStats(self.compactions, evicted, self._size)
 
     def to_quantized(self, group_size: int = 64, bits: int = 4):
         quantized = QuantizedCompressedKVCache(
@@ -1657,6 +1702,253 @@ class QuantizedCompressedKVCache(CompressedKVCache):
         return self
 
 
+def _codec_meta(codec) -> str:
+    return json.dumps([codec.name, codec.head_dim, codec.settings])
+
+
+def _rebuilt_codec(meta: str, artifacts):
+    name, head_dim, settings = json.loads(meta)
+    return kv_quant.rebuild_codec(name, head_dim, settings, artifacts)
+
+
+def _codec_bytes(codec) -> int:
+    # What a codec holds for the layer alone (centroids, calibrated codebooks).
+    return getattr(codec, "nbytes", 0)
+
+
+class CodecKVCache(_BaseCache):
+    """KV cache holding the codes of a quantization method (``kv_quant``):
+    keys through ``key_codec``, values through ``value_codec``.
+
+    Codes grow along the token axis like :class:`KVCache` buffers (or start
+    with room for ``max_seq_len`` tokens; see :meth:`reserve`). Each update encodes the new tokens
+    and returns every held key and value decoded, so any attention reads
+    them; only the codes stay in memory. ``nbytes`` counts the codes of the
+    tokens held and what the codecs keep for this layer alone.
+    """
+
+    step = 256
+
+    def __init__(
+        self, key_codec=None, value_codec=None, max_seq_len=None, use_fused_sdpa=True
+    ):
+        self.key_codec, self.value_codec = key_codec, value_codec
+        self.max_seq_len = max_seq_len
+        # False: attention writes out its softmax instead of the fused kernel.
+        self.use_fused_sdpa = use_fused_sdpa
+        self.keys = None
+        self.values = None
+        self.offset = 0
+        self.allocations = 0
+
+    def update_and_fetch(self, keys, values):
+        new_keys = self.key_codec.encode(keys)
+        new = new_keys + self.value_codec.encode(values)
+        start, stop = self.offset, self.offset + keys.shape[2]
+        capacity = 0 if self.keys is None else self.keys[0].shape[2]
+        if stop > capacity:
+            if capacity == 0 and self.max_seq_len:
+                capacity = _round_up(max(stop, self.max_seq_len), self.step)
+            else:
+                capacity = _grown_capacity(capacity, stop, self.step)
+            old = self.keys + self.values if self.keys else (None,) * len(new)
+            grown = [_reserve(o, n, 0, start, capacity) for o, n in zip(old, new)]
+            self.keys = tuple(grown[: len(new_keys)])
+            self.values = tuple(grown[len(new_keys) :])
+            self.allocations += 1
+        for buffer, part in zip(self.keys + self.values, new):
+            buffer[..., start:stop, :] = part
+        self.offset = stop
+        return self._decoded(stop, keys.dtype)
+
+    def reserve(self, batch: int, num_heads: int):
+        """Allocate room for ``max_seq_len`` tokens now (when the codecs need
+        no data to set themselves up; otherwise at the first update)."""
+        if self.keys is not None or not self.max_seq_len:
+            return
+        if getattr(self.key_codec, "fits_on_first_keys", False):
+            return
+        probe = mx.zeros((batch, num_heads, 1, self.key_codec.head_dim))
+        new_keys = self.key_codec.encode(probe)
+        new = new_keys + self.value_codec.encode(probe)
+        capacity = _round_up(self.max_seq_len, self.step)
+        grown = [_reserve(None, n, 0, 0, capacity) for n in new]
+        self.keys = tuple(grown[: len(new_keys)])
+        self.values = tuple(grown[len(new_keys) :])
+        self.allocations += 1
+
+    def _decoded(self, n: int, dtype):
+        keys = self.key_codec.decode(_head(self.keys, n)).astype(dtype)
+        values = self.value_codec.decode(_head(self.values, n)).astype(dtype)
+        return keys, values
+
+    def size(self) -> int:
+        return self.offset
+
+    def empty(self) -> bool:
+        return self.keys is None
+
+    @property
+    def nbytes(self) -> int:
+        own = _codec_bytes(self.key_codec) + _codec_bytes(self.value_codec)
+        if self.keys is None:
+            return own
+        capacity = self.keys[0].shape[2]
+        held = sum(b.nbytes // capacity * self.offset for b in self.keys + self.values)
+        return held + own
+
+    @property
+    def bits_per_value(self) -> float:
+        """Bits per key and value as the codes are laid out."""
+        return (self.key_codec.bits_per_value + self.value_codec.bits_per_value) / 2
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    def trim(self, n: int) -> int:
+        n = min(self.offset, n)
+        self.offset -= n
+        return n
+
+    @property
+    def state(self):
+        artifacts = {
+            "key": self.key_codec.artifacts,
+            "value": self.value_codec.artifacts,
+        }
+        if self.keys is None:
+            return [[], [], artifacts]
+        return [
+            _head(self.keys, self.offset),
+            _head(self.values, self.offset),
+            artifacts,
+        ]
+
+    @state.setter
+    def state(self, v):
+        keys, values, artifacts = _as_list(v, 3)
+        artifacts = artifacts if isinstance(artifacts, dict) else {}
+        self._artifacts = artifacts
+        self.allocations = 0
+        if _is_empty_state(keys):
+            self.keys = self.values = None
+        else:
+            self.keys = tuple(_own(x) for x in keys)
+            self.values = tuple(_own(x) for x in values)
+
+    @property
+    def meta_state(self):
+        return (
+            str(self.offset),
+            _codec_meta(self.key_codec),
+            _codec_meta(self.value_codec),
+            str(self.max_seq_len or 0),
+            str(int(self.use_fused_sdpa)),
+        )
+
+    @meta_state.setter
+    def meta_state(self, v):
+        offset, key_meta, value_meta, max_seq_len, fused = v
+        self.use_fused_sdpa = fused == "1"
+        artifacts = getattr(self, "_artifacts", {})
+        self.key_codec = _rebuilt_codec(key_meta, artifacts.get("key"))
+        self.value_codec = _rebuilt_codec(value_meta, artifacts.get("value"))
+        self.offset, self.max_seq_len = int(offset), int(max_seq_len) or None
+
+
+class CodecCompressedKVCache(CompressedKVCache):
+    """:class:`CompressedKVCache` holding the codes of ``key_codec`` and
+    ``value_codec`` (as :class:`CodecKVCache`), so that memory shrinks by
+    eviction and by quantization. Compaction gathers the codes; keys are
+    scored after decoding."""
+
+    def __init__(
+        self,
+        budget: int,
+        key_codec=None,
+        value_codec=None,
+        use_fused_sdpa=True,
+        **options,
+    ):
+        super().__init__(budget, **options)
+        self.key_codec, self.value_codec = key_codec, value_codec
+        self.use_fused_sdpa = use_fused_sdpa
+
+    @classmethod
+    def from_config(cls, config, left_padding=None, codecs=(None, None)):
+        cache = super().from_config(config, left_padding=left_padding)
+        cache.key_codec, cache.value_codec = codecs
+        cache.use_fused_sdpa = config.use_fused_sdpa
+        return cache
+
+    def _encoded(self, keys, values):
+        encoded = self.key_codec.encode(keys)
+        self._key_parts = len(encoded)
+        return encoded + self.value_codec.encode(values)
+
+    def _buffers(self) -> tuple:
+        return self.keys + self.values
+
+    def _set_buffers(self, buffers):
+        n = self._key_parts
+        self.keys, self.values = tuple(buffers[:n]), tuple(buffers[n:])
+
+    def _dense_keys(self, start: int = 0):
+        return self.key_codec.decode(
+            tuple(p[..., start : self._size, :] for p in self.keys)
+        )
+
+    def update_and_fetch(self, keys, values):
+        super().update_and_fetch(keys, values)
+        stop = self._size
+        decoded_keys = self.key_codec.decode(_head(self.keys, stop)).astype(keys.dtype)
+        decoded_values = self.value_codec.decode(_head(self.values, stop))
+        return decoded_keys, decoded_values.astype(values.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        own = _codec_bytes(self.key_codec) + _codec_bytes(self.value_codec)
+        return CompressedKVCache.nbytes.fget(self) + own
+
+    @property
+    def state(self):
+        arrays = CompressedKVCache.state.fget(self)
+        artifacts = {
+            "key": self.key_codec.artifacts,
+            "value": self.value_codec.artifacts,
+        }
+        return [arrays, artifacts]
+
+    @state.setter
+    def state(self, v):
+        arrays, artifacts = _as_list(v, 2)
+        self._artifacts = artifacts if isinstance(artifacts, dict) else {}
+        self._pending_state = arrays
+
+    @property
+    def meta_state(self):
+        codecs = (_codec_meta(self.key_codec), _codec_meta(self.value_codec))
+        fused = str(int(self.use_fused_sdpa))
+        return CompressedKVCache.meta_state.fget(self) + codecs + (fused,)
+
+    @meta_state.setter
+    def meta_state(self, v):
+        artifacts = getattr(self, "_artifacts", {})
+        self.key_codec = _rebuilt_codec(v[9], artifacts.get("key"))
+        self.value_codec = _rebuilt_codec(v[10], artifacts.get("value"))
+        self.use_fused_sdpa = v[11] == "1"
+        arrays = getattr(self, "_pending_state", [])
+        self._key_parts = len(arrays[0]) if arrays else 0
+        CompressedKVCache.state.fset(self, arrays)
+        CompressedKVCache.meta_state.fset(self, v[:9])
+
+    def to_quantized(self, group_size: int = 64, bits: int = 4):
+        raise ValueError(
+            "this compressed cache already holds the codes of "
+            f"{self.key_codec.name!r}; kv_bits cannot quantize it again"
+        )
+
+
 def _check_shared(layers):
     """Layers sharing one choice of kept tokens must agree on its shape."""
     i0, first = layers[0]
@@ -1684,6 +1976,8 @@ def compact_prompt_cache(prompt_cache: List[Any], slack: Optional[int] = None) -
     """
     shared, done = [], 0
     for i, layer in enumerate(prompt_cache):
+        if isinstance(layer, SlidingWindowKVCache):
+            layer = layer.inner
         if not isinstance(layer, CompressedKVCache):
             continue
         if layer.scope == "model":
@@ -1703,6 +1997,19 @@ def compact_prompt_cache(prompt_cache: List[Any], slack: Optional[int] = None) -
     return done
 
 
+# What a window may hold its tokens in (all keep slots in time order).
+_WINDOW_INNER = {
+    c.__name__: c
+    for c in (
+        KVCache,
+        QuantizedKVCache,
+        CodecKVCache,
+        CompressedKVCache,
+        QuantizedCompressedKVCache,
+        CodecCompressedKVCache,
+    )
+}
+
 _CACHE_CLASSES = {
     c.__name__: c
     for c in (
@@ -1715,6 +2022,8 @@ _CACHE_CLASSES = {
         SlidingWindowKVCache,
         CompressedKVCache,
         QuantizedCompressedKVCache,
+        CodecKVCache,
+        CodecCompressedKVCache,
     )
 }
 
@@ -1744,15 +2053,78 @@ def make_prompt_cache(
     ``max_kv_size``, ``window_prefix``, ``compact_sink_tokens``) and the newest
     ones; the model's mask still hides what lies outside its window. Every other
     layer gets the requested bound, so ``max_kv_size`` is honoured for every model.
+
+    With a quantization ``method`` and ``quantized_kv_start=0`` the other
+    layers hold the method's codes from the first token (otherwise the
+    generation loop converts them once they hold that many tokens).
     """
     config = KVCacheConfig.from_options(config, max_kv_size=max_kv_size, **options)
     if hasattr(model, "make_cache"):
         layers = model.make_cache()
     else:
         layers = [KVCache() for _ in model.layers]
-    if not config.evicts:
+    coded = config.method is not None and config.quantized_kv_start == 0
+    if not config.evicts and not coded:
         return layers
-    return [_bounded_layer(layer, config) for layer in layers]
+    head_dim = model_head_dim(model)
+    return [_bounded_layer(c, config, i, head_dim) for i, c in enumerate(layers)]
+
+
+class KVCacheFactory:
+    """Caches for one layer from a :class:`KVCacheConfig`."""
+
+    @staticmethod
+    def create(
+        config: "KVCacheConfig",
+        num_heads: int,
+        head_dim: int,
+        max_seq_len: int = 8192,
+        layer: int = 0,
+    ):
+        """The cache of layer ``layer`` (``num_heads`` KV heads of ``head_dim``)
+        with the storage and bound of ``config``; storage of method codes is
+        reserved for ``max_seq_len`` tokens of a batch of one."""
+        _check_int("num_heads", num_heads, 1)
+        _check_int("head_dim", head_dim, 1)
+        _check_int("max_seq_len", max_seq_len, 1)
+        config = config.for_head_dim(head_dim)
+        cache = _bounded_cache(config, head_dim, layer, max_seq_len)
+        if config.method is None and config.kv_bits is not None:
+            cache = cache.to_quantized(config.kv_group_size, config.kv_bits)
+        storage = getattr(cache, "inner", cache)
+        if isinstance(storage, CodecKVCache):
+            storage.reserve(1, num_heads)
+        return cache
+
+
+class KVCacheBuilder:
+    """One cache per layer of a model from a :class:`KVCacheConfig`."""
+
+    @staticmethod
+    def build(model, config: "KVCacheConfig", max_seq_len: int = 8192) -> List[Any]:
+        """Caches for every layer of ``model`` as :meth:`KVCacheFactory.create`
+        makes them, with the model's KV heads and head dimension; a layer with
+        a window of its own keeps it (see :func:`make_prompt_cache`)."""
+        args = getattr(model, "args", None)
+        heads = getattr(args, "num_key_value_heads", None) or getattr(
+            args, "num_attention_heads", None
+        )
+        head_dim = model_head_dim(model)
+        if heads is None or head_dim is None:
+            raise ValueError(
+                f"cannot read the KV heads and head dimension of {type(model).__name__}"
+            )
+        own = model.make_cache() if hasattr(model, "make_cache") else model.layers
+        return [
+            (
+                _bounded_layer(layer, config, i, head_dim)
+                if isinstance(layer, RotatingKVCache)
+                else KVCacheFactory.create(
+                    config, heads, head_dim, max_seq_len, layer=i
+                )
+            )
+            for i, layer in enumerate(own)
+        ]
 
 
 # Tokens a max_kv_size cache keeps at the front, whatever it evicts.
@@ -1768,10 +2140,12 @@ def _bound_tokens(config: "KVCacheConfig"):
     return config.window_size, config.window_prefix
 
 
-def _bounded_layer(layer, config: "KVCacheConfig"):
+def _bounded_layer(layer, config: "KVCacheConfig", index: int = 0, head_dim=None):
     """``layer`` (from the model) bounded as ``config`` asks."""
     if not isinstance(layer, RotatingKVCache):
-        return _bounded_cache(config)
+        return _bounded_cache(config, head_dim, index)
+    if not config.evicts:
+        return layer
     # A window of the model's own: score-based eviction cannot keep its mask
     # (slots stop matching positions), so a narrower bound keeps the newest.
     tokens, keep = _bound_tokens(config)
@@ -1780,21 +2154,80 @@ def _bounded_layer(layer, config: "KVCacheConfig"):
     return RotatingKVCache(tokens, keep=keep)
 
 
-def _bounded_cache(config: "KVCacheConfig"):
-    """The cache for one layer without a window of its own, under ``config``."""
+def method_codecs(config: "KVCacheConfig", head_dim: Optional[int], index: int):
+    if head_dim is None:
+        raise ValueError(
+            f"method={config.method!r} needs the model's head dimension, which "
+            "its arguments do not give"
+        )
+    config = config.for_head_dim(head_dim)
+    return (
+        kv_quant.key_codec(config, head_dim, index),
+        kv_quant.value_codec(config, head_dim, index),
+    )
+
+
+def _bounded_cache(
+    config: "KVCacheConfig", head_dim=None, index: int = 0, max_seq_len=None
+):
+    """The cache of layer ``index`` when it has no window of its own."""
+    if config.method is not None and config.quantized_kv_start == 0:
+        codecs = method_codecs(config, head_dim, index)
+        if config.compact_kv_budget is not None:
+            return CodecCompressedKVCache.from_config(config, codecs=codecs)
+        storage = CodecKVCache(*codecs, max_seq_len, config.use_fused_sdpa)
+    else:
+        storage = KVCache()
+        if config.compact_kv_budget is not None:
+            return CompressedKVCache.from_config(config)
     if config.max_kv_size is not None:
-        return RotatingKVCache(config.max_kv_size, keep=MAX_KV_KEEP)
-    if config.compact_kv_budget is not None:
-        return CompressedKVCache.from_config(config)
+        if config.method is None:
+            return RotatingKVCache(config.max_kv_size, keep=MAX_KV_KEEP)
+        # Codes need slots in time order: the same bound as a fixed window.
+        return SlidingWindowKVCache(
+            storage, config.max_kv_size, "fixed", fixed_prefix_size=MAX_KV_KEEP
+        )
     if config.window_size is not None:
         return SlidingWindowKVCache(
-            KVCache(),
+            storage,
             config.window_size,
             config.window_strategy,
             fixed_prefix_size=config.window_prefix,
             eviction_attention_window=config.window_attention_span,
         )
-    raise ValueError(f"no cache implements {config}")
+    return storage
+
+
+def to_codec(layer, config: "KVCacheConfig", index: int, head_dim: int):
+    """``layer`` holding the codes of ``config.method`` instead of float keys
+    and values (the same tokens, bound and counters); other caches (a window
+    of the model's own, codes already) come back as they are."""
+    if isinstance(layer, (CodecKVCache, CodecCompressedKVCache)):
+        return layer
+    if isinstance(layer, SlidingWindowKVCache):
+        coded = copy.copy(layer)
+        coded.inner = to_codec(layer.inner, config, index, head_dim)
+        return coded
+    if type(layer) is KVCache:
+        codecs = method_codecs(config, head_dim, index)
+        coded = CodecKVCache(*codecs, use_fused_sdpa=config.use_fused_sdpa)
+        if layer.keys is not None:
+            coded.update_and_fetch(*layer.state)
+        return coded
+    if type(layer) is CompressedKVCache:
+        coded = CodecCompressedKVCache.from_config(
+            config, codecs=method_codecs(config, head_dim, index)
+        )
+        coded.budget, coded.keep_recent = layer.budget, layer.keep_recent
+        coded.policy, coded.scope = layer.policy, layer.scope
+        coded.sink_tokens, coded.margin = layer.sink_tokens, layer.margin
+        if layer.keys is not None:
+            coded.update_and_fetch(*layer.state[:2])
+        coded.offset, coded.left_padding = layer.offset, layer.left_padding
+        coded._queries, coded._scale = layer._queries, layer._scale
+        coded._floor, coded.compactions = layer._floor, layer.compactions
+        return coded
+    return layer
 
 
 def save_prompt_cache(
@@ -1870,7 +2303,26 @@ def trim_prompt_cache(cache: List[Any], num_tokens: int) -> int:
     return [c.trim(num_tokens) for c in cache][0]
 
 
-def cache_eviction_stats(prompt_cache: List[Any]) -> Dict[str, int]:
+class EvictionStats(dict):
+    """Eviction counts, read as attributes (``stats.total_evictions``) or as a
+    dict: ``total_evictions`` (eviction passes), ``tokens_evicted`` and
+    ``current_size`` (slots now held)."""
+
+    def __init__(self, total_evictions=0, tokens_evicted=0, current_size=0):
+        super().__init__(
+            total_evictions=total_evictions,
+            tokens_evicted=tokens_evicted,
+            current_size=current_size,
+        )
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def cache_eviction_stats(prompt_cache: List[Any]) -> EvictionStats:
     """Eviction totals over the layers of ``prompt_cache``.
 
     A layer with ``eviction_stats()`` reports its own counts. Any other layer
@@ -1878,7 +2330,7 @@ def cache_eviction_stats(prompt_cache: List[Any]) -> Dict[str, int]:
     tokens, counted as one eviction each (as a rotating cache drops them).
     Layers with neither are skipped.
     """
-    totals = {"total_evictions": 0, "tokens_evicted": 0, "current_size": 0}
+    totals = EvictionStats()
     for layer in prompt_cache:
         if hasattr(layer, "eviction_stats"):
             stats = layer.eviction_stats()
@@ -2105,6 +2557,46 @@ def _check_window(size, strategy, prefix, span, names):
         )
 
 
+def _check_method(config: "KVCacheConfig"):
+    """The quantization-method settings of ``config`` (``method`` is set)."""
+    _check_choice("method", config.method, kv_quant.KV_METHODS)
+    if config.kv_bits is not None:
+        raise ValueError(
+            f"kv_bits={config.kv_bits} quantizes with affine groups and "
+            f"method={config.method!r} with its own codes: choose one (bits sets "
+            "the method's key bits)"
+        )
+    _check_choice(
+        f"bits for method {config.method!r}",
+        config.bits,
+        kv_quant.METHOD_BITS[config.method],
+    )
+    value_bits = kv_quant.VALUE_BITS
+    if config.method == "affine":
+        value_bits = tuple(kv_quant.METHOD_BITS["affine"]) + (16,)
+    _check_choice("value_bits", config.value_bits, value_bits)
+    _check_int("num_residuals", config.num_residuals, 1)
+    _check_int("sketch_dim", config.sketch_dim, 1)
+    _check_int("num_clusters", config.num_clusters, 1)
+    if config.num_clusters > 256:
+        raise ValueError(f"num_clusters must be at most 256, got {config.num_clusters}")
+    _check_int("num_subspaces", config.num_subspaces, 1, optional=True)
+    _check_choice("outlier_bits", config.outlier_bits, tuple(range(2, 9)))
+    _check_int("signal_bits", config.signal_bits, 1)
+    _check_int("noise_bits", config.noise_bits, 1)
+    _check_int("seed", config.seed, 0)
+    for name in ("use_hadamard", "use_fused_sdpa"):
+        if not isinstance(getattr(config, name), bool):
+            raise ValueError(
+                f"{name} must be true or false, got {getattr(config, name)!r}"
+            )
+    if config.bit_allocation is not None:
+        for b in config.bit_allocation:
+            _check_choice(
+                "bit_allocation entries", b, kv_quant.METHOD_BITS["ratequant"]
+            )
+
+
 @dataclass
 class KVCacheConfig:
     """Every KV-cache memory option in one value.
@@ -2135,6 +2627,29 @@ class KVCacheConfig:
     window_strategy: str = "fifo"
     window_prefix: int = 0
     window_attention_span: int = 32
+    # A KV quantization method (README, "KV quantization methods"): keys in
+    # bits, values in value_bits (16: float16). Without it kv_bits quantizes
+    # both with affine groups, as upstream does.
+    method: Optional[str] = None
+    bits: int = 1
+    value_bits: int = 2
+    num_residuals: int = 2
+    use_hadamard: bool = True
+    codebook: Optional[Any] = None
+    smooth_factors: Optional[Any] = None
+    rotations: Optional[Any] = None
+    bit_allocation: Optional[List[int]] = None
+    outlier_observer: Optional[Any] = None
+    outlier_bits: int = 8
+    sketch_dim: int = 64
+    num_clusters: int = 64
+    num_subspaces: Optional[int] = None
+    use_fused_sdpa: bool = True
+    signal_bits: int = 4
+    noise_bits: int = 1
+    seed: int = 0
+    # Folder written by python -m mlx_lm.calibrate_kv (or an NpyArtifactStore).
+    calibration: Optional[Any] = None
 
     def __post_init__(self):
         _check_int("max_kv_size", self.max_kv_size, 1, optional=True)
@@ -2168,6 +2683,9 @@ class KVCacheConfig:
             _WINDOW_OPTIONS,
         )
 
+        if self.method is not None:
+            _check_method(self)
+
         bounds = [
             f"{name}={getattr(self, name)}"
             for name in ("max_kv_size", "compact_kv_budget", "window_size")
@@ -2190,6 +2708,14 @@ class KVCacheConfig:
             v is not None
             for v in (self.max_kv_size, self.compact_kv_budget, self.window_size)
         )
+
+    def for_head_dim(self, head_dim: int) -> "KVCacheConfig":
+        """This config with an affine group decided for heads of ``head_dim``
+        (as :meth:`for_model` does) when it quantizes with affine groups."""
+        affine = self.kv_bits is not None or self.method == "affine"
+        if not affine or self.kv_group_size is not None:
+            return self
+        return replace(self, kv_group_size=default_kv_group_size(head_dim))
 
     def for_model(self, model, prompt_cache=None) -> "KVCacheConfig":
         """This config with ``kv_group_size`` decided for ``model`` when
@@ -2225,6 +2751,14 @@ class KVCacheConfig:
         unknown = sorted(set(options) - known)
         if unknown:
             raise ValueError(f"unknown KV-cache option(s): {', '.join(unknown)}")
-        values = asdict(base) if base is not None else {}
+        values = {}
+        if base is not None:
+            values = {f.name: getattr(base, f.name) for f in fields(base)}
         values.update({k: v for k, v in options.items() if v is not None})
         return cls(**values)
+
+
+# The fields that configure a quantization method (VeloxQuant-MLX's names),
+# apart from the memory options that command lines and requests name directly.
+_NAMES = [f.name for f in fields(KVCacheConfig)]
+METHOD_FIELDS = tuple(_NAMES[_NAMES.index("method") :])
