@@ -800,6 +800,12 @@ def add_kv_cache_arguments(p: argparse.ArgumentParser):
         "with --kv-bits alone, affine values of this width (e.g. K8/V4)",
     )
     g.add_argument(
+        "--kv-outlier-channels",
+        type=int,
+        help="Hold each head's N largest key channels apart with 8 bits "
+        "(KeyNormObserver) under --kv-method",
+    )
+    g.add_argument(
         "--kv-calibration",
         help="Folder written by python -m mlx_lm.calibrate_kv, for the "
         "calibrated methods",
@@ -887,6 +893,7 @@ _FLAGS = {
     "bits": "--kv-bits",
     "value_bits": "--kv-value-bits",
     "calibration": "--kv-calibration",
+    "num_channels": "--kv-outlier-channels",
 }
 
 
@@ -913,7 +920,10 @@ def kv_config_from_args(args: argparse.Namespace) -> kv.KVCacheConfig:
             options["value_bits"] = value_bits
     if getattr(args, "kv_calibration", None) is not None:
         options["calibration"] = args.kv_calibration
+    outliers = getattr(args, "kv_outlier_channels", None)
     try:
+        if outliers is not None:
+            options["outlier_observer"] = kv.KeyNormObserver(outliers)
         return kv.KVCacheConfig(**options)
     except ValueError as e:
         message = str(e)

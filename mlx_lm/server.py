@@ -46,6 +46,7 @@ from .generate import (
 )
 from .models.cache import (
     METHOD_FIELDS,
+    KeyNormObserver,
     KVCacheConfig,
     cache_eviction_stats,
     can_trim_prompt_cache,
@@ -67,7 +68,7 @@ MAX_STOP_SEQUENCES = 16
 # its key bits, kv_value_bits).
 KV_OPTIONS = tuple(
     f.name for f in fields(KVCacheConfig) if f.name not in METHOD_FIELDS
-) + ("kv_method", "kv_value_bits")
+) + ("kv_method", "kv_value_bits", "kv_outlier_channels")
 # Fields of a config that hold arrays or objects, left out of reports.
 KV_ARTIFACTS = ("codebook", "smooth_factors", "rotations", "outlier_observer")
 # The ways of bounding a cache exclude each other: a request naming one replaces
@@ -321,6 +322,17 @@ def request_kv_config(base: KVCacheConfig, body: dict) -> KVCacheConfig:
         base = replace(base, **{k: None for k in KV_BOUNDS})
     method = overrides.pop("kv_method", None)
     value_bits = overrides.pop("kv_value_bits", None)
+    outliers = overrides.pop("kv_outlier_channels", None)
+    if outliers is not None:
+        try:
+            overrides["outlier_observer"] = KeyNormObserver(outliers)
+        except ValueError as e:
+            raise APIError(
+                400,
+                f"kv_outlier_channels: {e}",
+                param="kv_outlier_channels",
+                code="invalid_kv_cache_option",
+            )
     if method is None and value_bits is not None and base.method is None:
         if overrides.get("kv_bits") is None:
             raise APIError(
@@ -348,7 +360,14 @@ def request_kv_config(base: KVCacheConfig, body: dict) -> KVCacheConfig:
             "value_bits": "kv_value_bits",
             "bits": "kv_bits",
         }
-        named = [k for k in overrides if re.search(rf"\b{k}\b", message)] or [None]
+        # The option the message starts with is the one it is about.
+        found = [
+            (m.start(), k)
+            for k in overrides
+            for m in [re.search(rf"\b{k}\b", message)]
+            if m
+        ]
+        named = [min(found)[1]] if found else [None]
         param = names.get(named[0], named[0])
         raise APIError(400, message, param=param, code="invalid_kv_cache_option")
 
@@ -589,6 +608,8 @@ def cache_report(config: KVCacheConfig, cache) -> dict:
         for f in fields(config)
         if f.name not in KV_ARTIFACTS
     }
+    observer = config.outlier_observer
+    report["kv_outlier_channels"] = observer.num_channels if observer else None
     if report["calibration"] is not None:
         report["calibration"] = str(
             getattr(config.calibration, "path", config.calibration)

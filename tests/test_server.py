@@ -578,6 +578,43 @@ class TestMemoryOptions(ServerCase):
         self.assertGreater(report["tokens_evicted"], 0)
         self.assertLessEqual(report["tokens_held"], 2 * (48 + 6))
 
+    def test_kv_method_per_request(self):
+        r = self.client.completions.create(
+            model=MODEL_DIR,
+            prompt=LONG_TEXT,
+            max_tokens=3,
+            extra_body={
+                "kv_method": "turboquant_rvq",
+                "kv_bits": 4,
+                "kv_value_bits": 4,
+                "kv_outlier_channels": 2,
+            },
+        )
+        report = self.kv_cache(r)
+        self.assertEqual(report["method"], "turboquant_rvq")
+        self.assertEqual((report["bits"], report["value_bits"]), (4, 4))
+        self.assertEqual(report["kv_outlier_channels"], 2)
+        self.assertIsNone(report["kv_bits"])
+        plain = self.client.completions.create(
+            model=MODEL_DIR, prompt=LONG_TEXT, max_tokens=3
+        )
+        self.assertLess(report["kv_bytes"], self.kv_cache(plain)["kv_bytes"] / 3)
+
+    def test_bad_kv_method_is_a_400(self):
+        for extra, param in (
+            ({"kv_method": "fourier"}, "kv_method"),
+            ({"kv_method": "polarquant", "kv_bits": 9}, "kv_bits"),
+            ({"kv_value_bits": 4}, "kv_value_bits"),
+            ({"kv_method": "qjl", "kv_outlier_channels": 0}, "kv_outlier_channels"),
+        ):
+            status, body = self.raw(
+                "POST",
+                "/v1/completions",
+                {"model": MODEL_DIR, "prompt": "hi", "max_tokens": 2, **extra},
+            )
+            self.assertEqual(status, 400, extra)
+            self.assertEqual(body["error"]["param"], param, extra)
+
     def test_window_size_per_request_evicts(self):
         r = self.client.completions.create(
             model=MODEL_DIR,

@@ -141,7 +141,7 @@ def _fused_attention(queries, keys, values, scale: float, mask) -> mx.array:
     ):
         folded = queries.reshape(B, n_kv_heads, n_heads // n_kv_heads, D)
         out = mx.fast.scaled_dot_product_attention(folded, keys, values, scale=scale)
-        return out.reshape(B, n_heads, 1, D)
+        return out.reshape(B, n_heads, 1, values.shape[-1])
     return mx.fast.scaled_dot_product_attention(
         queries, keys, values, scale=scale, mask=mask
     )
@@ -176,6 +176,18 @@ def _dequantized(triple, group_size: int, bits: int) -> mx.array:
     )
 
 
+def _mapped(x: mx.array, matrix: mx.array) -> mx.array:
+    """``x`` [B, n_heads, L, D] times ``matrix`` ([D, D'], or [n_kv_heads, D,
+    D'] for the query heads of each KV head), in float32."""
+    x32 = x.astype(mx.float32)
+    if matrix.ndim == 2:
+        return (x32 @ matrix).astype(x.dtype)
+    B, n_heads, L, D = x.shape
+    H = matrix.shape[0]
+    grouped = x32.reshape(B, H, n_heads // H, L, D) @ matrix[None, :, None]
+    return grouped.reshape(B, n_heads, L, -1).astype(x.dtype)
+
+
 def scaled_dot_product_attention(
     queries: mx.array,
     keys,
@@ -198,10 +210,16 @@ def scaled_dot_product_attention(
     computes them too. A cache with a positive ``query_window`` (a
     query-aware eviction policy) is handed the queries themselves through
     ``cache.observe_queries``. A cache whose ``use_fused_sdpa`` is false gets
-    the written-out softmax instead of the fused kernel.
+    the written-out softmax instead of the fused kernel. A cache with a
+    ``key_map`` (``value_map``) returns keys (values) in a mapped space: the
+    queries (the output) are mapped alike (README, "KV quantization
+    methods").
     """
     if getattr(cache, "query_window", 0):
         cache.observe_queries(queries, scale)
+    key_map = getattr(cache, "key_map", None)
+    if key_map is not None:
+        queries = _mapped(queries, key_map)
     quantized = (cache.group_size, cache.bits) if hasattr(cache, "bits") else None
     dtype = queries.dtype
     if quantized and _attend_dequantized(queries):
@@ -215,6 +233,9 @@ def scaled_dot_product_attention(
         out = _weighted_values(weights, values, quantized)
     else:
         out = _fused_attention(queries, keys, values, scale, mask)
+    value_map = getattr(cache, "value_map", None)
+    if value_map is not None:
+        out = _mapped(out, mx.swapaxes(value_map, -1, -2))
     out = out.astype(dtype)
     if not observed:
         return out

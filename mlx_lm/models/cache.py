@@ -20,6 +20,21 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from . import kv_quant
 from .base import create_causal_mask
+from .kv_quant import (  # noqa: F401 (the catalogue of KV quantization methods)
+    KV_METHODS,
+    AffineCodec,
+    CommVQCodec,
+    KeyNormObserver,
+    NpyArtifactStore,
+    PolarQuantCodec,
+    QJLCodec,
+    RaBitQCodec,
+    RateQuantCodec,
+    SpectralCodec,
+    TurboQuantCodec,
+    VecInferCodec,
+    calibrate_spectral_rotation,
+)
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -720,6 +735,14 @@ class SlidingWindowKVCache(_BaseCache):
     @property
     def use_fused_sdpa(self) -> bool:
         return getattr(self.inner, "use_fused_sdpa", True)
+
+    @property
+    def key_map(self):
+        return getattr(self.inner, "key_map", None)
+
+    @property
+    def value_map(self):
+        return getattr(self.inner, "value_map", None)
 
     def observe_queries(self, queries, scale):
         self.inner.observe_queries(queries, scale)
@@ -1711,6 +1734,14 @@ def _rebuilt_codec(meta: str, artifacts):
     return kv_quant.rebuild_codec(name, head_dim, settings, artifacts)
 
 
+def _mapped_decode(cache, keys, values, n: int, dtype):
+    """The first ``n`` held keys and values as attention reads them: in the
+    codecs' mapped spaces (``Codec.map``) where they have one."""
+    keys = cache.key_codec.decode_mapped(_head(keys, n))
+    values = cache.value_codec.decode_mapped(_head(values, n))
+    return keys.astype(dtype), values.astype(dtype)
+
+
 def _codec_bytes(codec) -> int:
     # What a codec holds for the layer alone (centroids, calibrated codebooks).
     return getattr(codec, "nbytes", 0)
@@ -1721,9 +1752,12 @@ class CodecKVCache(_BaseCache):
     keys through ``key_codec``, values through ``value_codec``.
 
     Codes grow along the token axis like :class:`KVCache` buffers (or start
-    with room for ``max_seq_len`` tokens; see :meth:`reserve`). Each update encodes the new tokens
-    and returns every held key and value decoded, so any attention reads
-    them; only the codes stay in memory. ``nbytes`` counts the codes of the
+    with room for ``max_seq_len`` tokens; see :meth:`reserve`). Each update
+    encodes the new tokens and returns every held key and value decoded; only
+    the codes stay in memory. A codec with a ``map`` (a rotation, QJL's
+    sketch) returns its keys and values unmapped by it, and attention maps the
+    queries and its output instead (:attr:`key_map`, :attr:`value_map`), so
+    no per-token matrix product is spent on decoding. ``nbytes`` counts the codes of the
     tokens held and what the codecs keep for this layer alone.
     """
 
@@ -1771,16 +1805,23 @@ class CodecKVCache(_BaseCache):
         probe = mx.zeros((batch, num_heads, 1, self.key_codec.head_dim))
         new_keys = self.key_codec.encode(probe)
         new = new_keys + self.value_codec.encode(probe)
-        capacity = _round_up(self.max_seq_len, self.step)
-        grown = [_reserve(None, n, 0, 0, capacity) for n in new]
+        grown = [_reserve(None, n, 0, 0, self.max_seq_len) for n in new]
         self.keys = tuple(grown[: len(new_keys)])
         self.values = tuple(grown[len(new_keys) :])
         self.allocations += 1
 
     def _decoded(self, n: int, dtype):
-        keys = self.key_codec.decode(_head(self.keys, n)).astype(dtype)
-        values = self.value_codec.decode(_head(self.values, n)).astype(dtype)
-        return keys, values
+        return _mapped_decode(self, self.keys, self.values, n, dtype)
+
+    @property
+    def key_map(self):
+        """What attention maps queries by (keys come back mapped), or None."""
+        return self.key_codec.map
+
+    @property
+    def value_map(self):
+        """What attention maps its output by (values come back mapped), or None."""
+        return self.value_codec.map
 
     def size(self) -> int:
         return self.offset
@@ -1900,10 +1941,10 @@ class CodecCompressedKVCache(CompressedKVCache):
 
     def update_and_fetch(self, keys, values):
         super().update_and_fetch(keys, values)
-        stop = self._size
-        decoded_keys = self.key_codec.decode(_head(self.keys, stop)).astype(keys.dtype)
-        decoded_values = self.value_codec.decode(_head(self.values, stop))
-        return decoded_keys, decoded_values.astype(values.dtype)
+        return _mapped_decode(self, self.keys, self.values, self._size, keys.dtype)
+
+    key_map = CodecKVCache.key_map
+    value_map = CodecKVCache.value_map
 
     @property
     def nbytes(self) -> int:
@@ -2685,6 +2726,11 @@ class KVCacheConfig:
 
         if self.method is not None:
             _check_method(self)
+        elif self.outlier_observer is not None:
+            raise ValueError(
+                "outlier_observer holds key channels apart from a method's codes: "
+                "it needs method"
+            )
 
         bounds = [
             f"{name}={getattr(self, name)}"
@@ -2713,9 +2759,15 @@ class KVCacheConfig:
         """This config with an affine group decided for heads of ``head_dim``
         (as :meth:`for_model` does) when it quantizes with affine groups."""
         affine = self.kv_bits is not None or self.method == "affine"
-        if not affine or self.kv_group_size is not None:
+        if not affine:
             return self
-        return replace(self, kv_group_size=default_kv_group_size(head_dim))
+        group = self.kv_group_size or default_kv_group_size(head_dim)
+        if head_dim % group:
+            raise ValueError(
+                f"kv_group_size {group} does not divide the head dimension "
+                f"{head_dim} (kv_group_size is one of {list(KV_GROUP_SIZES)})"
+            )
+        return replace(self, kv_group_size=group)
 
     def for_model(self, model, prompt_cache=None) -> "KVCacheConfig":
         """This config with ``kv_group_size`` decided for ``model`` when

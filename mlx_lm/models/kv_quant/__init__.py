@@ -17,6 +17,7 @@ import numpy as np
 
 from .codec import AffineCodec, Codec, Float16Codec, pack, unpack
 from .commvq import CommVQCodec
+from .outliers import KeyNormObserver, OutlierCodec
 from .polarquant import PolarQuantCodec
 from .qjl import QJLCodec
 from .rabitq import RaBitQCodec
@@ -43,6 +44,9 @@ _CODECS = {
         Float16Codec,
     )
 }
+# Under outlier_observer, any method's codec is wrapped; files name it
+# "outliers".
+_CODECS["outliers"] = OutlierCodec
 # The key widths (bits per value) each method accepts.
 METHOD_BITS = {
     "turboquant_rvq": range(1, 9),
@@ -141,7 +145,16 @@ def _artifacts(config, layer: int) -> Optional[Dict[str, mx.array]]:
 
 
 def key_codec(config, head_dim: int, layer: int = 0) -> Codec:
-    """The codec of ``config.method`` for the keys of ``layer``."""
+    """The codec of ``config.method`` for the keys of ``layer``, its outlier
+    channels held apart when ``config.outlier_observer`` picks them."""
+    codec = _method_codec(config, head_dim, layer)
+    observer = config.outlier_observer
+    if observer is None:
+        return codec
+    return OutlierCodec(head_dim, codec, observer.num_channels, config.outlier_bits)
+
+
+def _method_codec(config, head_dim: int, layer: int) -> Codec:
     method, bits, seed = config.method, config.bits, config.seed + layer
     artifacts = _artifacts(config, layer)
     if method == "turboquant_rvq":
@@ -215,6 +228,8 @@ def value_codec(config, head_dim: int, layer: int = 0) -> Codec:
 
 def rebuild_codec(name: str, head_dim: int, settings: Dict, artifacts) -> Codec:
     """A codec from what :attr:`Codec.settings` and :attr:`Codec.artifacts` held."""
+    if isinstance(settings, dict) and "inner" in settings:
+        name = "outliers"
     if name not in _CODECS:
         raise ValueError(f"unknown KV codec {name!r}; known: {sorted(_CODECS)}")
     return _CODECS[name](head_dim, **settings, artifacts=dict(artifacts or {}))

@@ -158,9 +158,18 @@ class Codec:
     """
 
     name = ""
+    # Attention over codes: when set, ``decode(codes)`` equals
+    # ``decode_mapped(codes) @ map^T`` for this ``map`` ([D, D'], or [H, D, D']
+    # per KV head) and ``decode_mapped`` is cheaper. Attention then maps the
+    # queries (``q @ map``) instead of every held key, and the output once
+    # instead of every held value.
+    map = None
 
     def __init__(self, head_dim: int):
         self.head_dim = head_dim
+
+    def decode_mapped(self, codes: Sequence[mx.array]) -> mx.array:
+        return self.decode(codes)
 
     def encode(self, x: mx.array) -> tuple:
         raise NotImplementedError
@@ -176,11 +185,15 @@ class Codec:
     def artifacts(self) -> Dict[str, mx.array]:
         return {}
 
+    # KV heads of per-head artifacts (codebooks, rotations), 1 when shared.
+    heads = 1
+
     @property
     def bits_per_value(self) -> float:
-        """Bits held per value by the codes of one token (overheads included)."""
-        probe = self.encode(mx.zeros((1, 1, 1, self.head_dim)))
-        return sum(c.nbytes for c in probe) * 8 / self.head_dim
+        """Bits held per value by the codes of one token (its scales and
+        norms included; artifacts held once per layer are not)."""
+        probe = self.encode(mx.ones((1, self.heads, 1, self.head_dim)))
+        return sum(c.nbytes for c in probe) * 8 / (self.heads * self.head_dim)
 
 
 class Float16Codec(Codec):

@@ -5,13 +5,13 @@ number, and RoPE multiplies it by a phase that depends on the position only.
 CommVQ (arXiv 2506.18879) builds its codebook from elements that commute with
 that rotation. Here each pair is held in polar form: its phase on a uniform
 grid (rotating by RoPE moves a phase code, it never changes the grid) and its
-magnitude, which RoPE leaves alone, by vector quantization: groups of eight
-magnitudes (relative to the key's norm) are replaced by the nearest of 256
-codewords fitted by k-means to the calibration keys of that head.
+magnitude, which RoPE leaves alone, by vector quantization: groups of
+magnitudes (relative to the key's norm) are replaced by the nearest codeword
+of a codebook fitted by k-means to the calibration keys of that head.
 
-Held per token: ``2 * bits - 1`` bits of phase per pair, one byte per eight
-pairs for the magnitudes (one bit per pair) and the float16 norm; that is
-``bits`` bits per value.
+Held per token: ``bits`` bits of phase and ``bits`` bits of magnitude per
+pair (a group of ``8 // bits`` pairs, two at 3 bits, shares one index) and
+the float16 norm; that is ``bits`` bits per value.
 """
 
 import math
@@ -22,7 +22,8 @@ import numpy as np
 from .codec import Codec, kmeans, norms, pack, unpack
 from .vecinfer import need_artifacts
 
-GROUP = 8
+# Pairs per magnitude codeword at each width: indices of 8 bits (6 at 3 bits).
+GROUPS = {1: 8, 2: 4, 3: 2, 4: 2}
 
 
 class CommVQCodec(Codec):
@@ -30,15 +31,17 @@ class CommVQCodec(Codec):
     calibrated = True
 
     def __init__(self, head_dim: int, bits: int = 2, seed: int = 0, artifacts=None):
-        if head_dim % (2 * GROUP):
+        if head_dim % 16:
             raise ValueError(
-                f"commvq needs a head dimension divisible by {2 * GROUP}, got {head_dim}"
+                f"commvq needs a head dimension divisible by 16, got {head_dim}"
             )
         super().__init__(head_dim)
         self.bits, self.seed = bits, seed
-        self.phase_bits = 2 * bits - 1
+        self.phase_bits = bits
+        self.group = GROUPS[bits]
+        self.index_bits = bits * self.group
         need_artifacts(self.name, artifacts, ("magnitude_codebooks",))
-        self.books = artifacts["magnitude_codebooks"]  # [H, G, 256, GROUP]
+        self.books = artifacts["magnitude_codebooks"]  # [H, G, K, pairs]
 
     @property
     def settings(self):
@@ -47,6 +50,10 @@ class CommVQCodec(Codec):
     @property
     def artifacts(self):
         return {"magnitude_codebooks": self.books}
+
+    @property
+    def heads(self) -> int:
+        return self.books.shape[0]
 
     @property
     def nbytes(self) -> int:
@@ -65,23 +72,27 @@ class CommVQCodec(Codec):
         )
         magnitude = mx.sqrt(re * re + im * im)
         B, H, T, P = magnitude.shape
-        groups = magnitude.reshape(B, H, T, P // GROUP, GROUP)
+        groups = magnitude.reshape(B, H, T, P // self.group, self.group)
         books = self.books.astype(mx.float32)
         cross = mx.einsum("bhtgw,hgkw->bhtgk", groups, books)
         distance = mx.sum(books * books, axis=-1)[None, :, None] - 2 * cross
         index = mx.argmin(distance, axis=-1)
-        return length.astype(mx.float16), pack(index, 8), pack(phase, self.phase_bits)
+        return (
+            length.astype(mx.float16),
+            pack(index, self.index_bits),
+            pack(phase, self.phase_bits),
+        )
 
     def decode(self, codes):
         length, index, words = codes
-        index = unpack(index, self.head_dim // 2 // GROUP, 8)
+        index = unpack(index, self.head_dim // 2 // self.group, self.index_bits)
         B, H, T, G = index.shape
         books = mx.broadcast_to(
             self.books.astype(mx.float32)[None], (B,) + self.books.shape
         )
         flat = index.astype(mx.uint32).transpose(0, 1, 3, 2)[..., None]
         magnitude = mx.take_along_axis(books, flat, axis=3)
-        magnitude = magnitude.transpose(0, 1, 3, 2, 4).reshape(B, H, T, G * GROUP)
+        magnitude = magnitude.transpose(0, 1, 3, 2, 4).reshape(B, H, T, G * self.group)
         levels = 1 << self.phase_bits
         phase = unpack(words, self.head_dim // 2, self.phase_bits).astype(mx.float32)
         phase = phase * (2 * math.pi / levels) - math.pi
@@ -91,17 +102,17 @@ class CommVQCodec(Codec):
         return y * length.astype(mx.float32)
 
     @classmethod
-    def calibrate(cls, keys: np.ndarray, seed: int = 0, **_):
+    def calibrate(cls, keys: np.ndarray, bits: int = 2, seed: int = 0, **_):
         H, N, D = keys.shape
         unit = keys / np.maximum(np.linalg.norm(keys, axis=-1, keepdims=True), 1e-12)
         magnitude = np.hypot(unit[..., : D // 2], unit[..., D // 2 :])
-        G = D // 2 // GROUP
-        books = np.zeros((H, G, 256, GROUP), np.float32)
+        width = GROUPS[bits]
+        G, k = D // 2 // width, 1 << (bits * width)
+        books = np.zeros((H, G, k, width), np.float32)
         for h in range(H):
             for g in range(G):
-                found = kmeans(
-                    magnitude[h, :, g * GROUP : (g + 1) * GROUP], 256, seed + g
-                )
+                part = magnitude[h, :, g * width : (g + 1) * width]
+                found = kmeans(part, k, seed + g)
                 books[h, g, : len(found)] = found
                 books[h, g, len(found) :] = found[0]
         return {"magnitude_codebooks": mx.array(books).astype(mx.float16)}

@@ -87,7 +87,14 @@ class PolarQuantCodec(Codec):
         codes.append(pack(mx.concatenate(deeper, axis=-1), self.bits))
         return (radii.astype(mx.float16), *codes)
 
+    @property
+    def map(self):
+        return self.rotation
+
     def decode(self, codes):
+        return self.decode_mapped(codes) @ self.rotation.T
+
+    def decode_mapped(self, codes):
         radii = codes[0].astype(mx.float32)
         deeper = unpack(codes[2], self.head_dim // 2 - 1, self.bits)
         end = deeper.shape[-1]
@@ -102,4 +109,4 @@ class PolarQuantCodec(Codec):
         index = unpack(codes[1], self.head_dim // 2, first).astype(mx.float32)
         angle = (index + 0.5) * step - math.pi
         y = mx.stack([radii * mx.cos(angle), radii * mx.sin(angle)], axis=-1)
-        return y.reshape(*y.shape[:-2], self.head_dim) @ self.rotation.T
+        return y.reshape(*y.shape[:-2], self.head_dim)

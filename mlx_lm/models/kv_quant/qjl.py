@@ -4,8 +4,9 @@ A key ``k`` is held as the signs of ``S k`` for a Gaussian matrix ``S`` of
 ``m`` rows, plus its norm. For any query ``q``,
 ``sqrt(pi / 2) / m * |k| * <S q, sign(S k)>`` is an unbiased estimate of
 ``<q, k>``. Decoding returns ``sqrt(pi / 2) / m * |k| * S^T sign(S k)``, the
-one vector whose inner product with every query is that estimate, so attention
-over decoded keys computes exactly QJL's estimator.
+one vector whose inner product with every query is that estimate. Attention
+does not even decode: it sketches the query once and scores it against the
+held signs, which is QJL's estimator itself.
 
 ``m`` is ``bits * sketch_dim``: ``bits`` sketches of ``sketch_dim`` rows.
 """
@@ -57,7 +58,14 @@ class QJLCodec(Codec):
         """The sketch signs of the held keys as +-1, ``[..., T, m]``."""
         return unpack(codes[1], self.rows, 1).astype(mx.float32) * 2 - 1
 
-    def decode(self, codes):
+    @property
+    def map(self):
+        # Queries are sketched (q @ S^T) and scored against the signs.
+        return self.sketch.T
+
+    def decode_mapped(self, codes):
         weight = math.sqrt(math.pi / 2) / self.rows
-        scale = codes[0].astype(mx.float32) * weight
-        return (self.signs(codes) @ self.sketch) * scale
+        return self.signs(codes) * (codes[0].astype(mx.float32) * weight)
+
+    def decode(self, codes):
+        return self.decode_mapped(codes) @ self.sketch

@@ -30,7 +30,8 @@ def calibrate_spectral_rotation(keys: np.ndarray):
     for head in unit:
         _, _, vt = np.linalg.svd(head, full_matrices=False)
         rotations.append(vt.T)
-        spreads.append(np.maximum((head @ vt.T).std(axis=0), 1e-4))
+        # Root mean square, not deviation: keys are not centred.
+        spreads.append(np.maximum(np.sqrt(np.mean((head @ vt.T) ** 2, axis=0)), 1e-4))
     return np.stack(rotations).astype(np.float32), np.stack(spreads).astype(np.float32)
 
 
@@ -76,6 +77,10 @@ class SpectralCodec(Codec):
         return {"rotations": self.rotations, "spreads": self.spreads}
 
     @property
+    def heads(self) -> int:
+        return self.rotations.shape[0]
+
+    @property
     def nbytes(self) -> int:
         return self.rotations.nbytes + self.spreads.nbytes
 
@@ -97,7 +102,15 @@ class SpectralCodec(Codec):
             )
         return tuple(codes)
 
+    @property
+    def map(self):
+        return self.rotations
+
     def decode(self, codes):
+        mapped = self.decode_mapped(codes)
+        return mapped @ mx.swapaxes(self.rotations, -1, -2)[None]
+
+    def decode_mapped(self, codes):
         r, parts = self.signal, []
         if r:
             parts.append(self.signal_levels[unpack(codes[1], r, self.signal_bits)])
@@ -107,9 +120,7 @@ class SpectralCodec(Codec):
                 self.noise_levels[unpack(words, self.head_dim - r, self.noise_bits)]
             )
         y = mx.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
-        y = y * self.spreads[None, :, None]
-        x = y @ mx.swapaxes(self.rotations, -1, -2)[None]
-        return x * codes[0].astype(mx.float32)
+        return y * self.spreads[None, :, None] * codes[0].astype(mx.float32)
 
     @classmethod
     def calibrate(cls, keys: np.ndarray, **_):

@@ -93,7 +93,11 @@ class TurboQuantCodec(Codec):
             planes.append(pack(codes, self.bits))
         return (mx.concatenate(scales, -1).astype(mx.float16), *planes)
 
-    def decode_rotated(self, codes):
+    @property
+    def map(self):
+        return self.rotation
+
+    def decode_mapped(self, codes):
         """The rotated vector ``x @ rotation`` (inner products are unchanged
         when queries are rotated alike)."""
         scales = codes[0].astype(mx.float32)
@@ -106,4 +110,4 @@ class TurboQuantCodec(Codec):
         return direction * scales[..., :1]
 
     def decode(self, codes):
-        return self.decode_rotated(codes) @ self.rotation.T
+        return self.decode_mapped(codes) @ self.rotation.T

@@ -77,6 +77,10 @@ class VecInferCodec(Codec):
         }
 
     @property
+    def heads(self) -> int:
+        return self.codebooks.shape[0]
+
+    @property
     def nbytes(self) -> int:
         return self.smooth.nbytes + self.codebooks.nbytes
 
@@ -95,7 +99,16 @@ class VecInferCodec(Codec):
         index = mx.argmin(distance, axis=-1)
         return length.astype(mx.float16), pack(index, self.bits * self.width)
 
+    @property
+    def map(self):
+        # x = (y @ R^T) * s, so q . x = ((q * s) @ R) . y.
+        return self.smooth[:, :, None] * self.rotation[None]
+
     def decode(self, codes):
+        y = self.decode_mapped(codes)
+        return (y @ self.rotation.T) * self.smooth[:, None, :]
+
+    def decode_mapped(self, codes):
         length, words = codes
         index = unpack(words, self.num_subspaces, self.bits * self.width)
         B, H, T, S = index.shape
@@ -105,8 +118,7 @@ class VecInferCodec(Codec):
         flat = index.astype(mx.uint32).transpose(0, 1, 3, 2)[..., None]  # B,H,S,T,1
         picked = mx.take_along_axis(books, flat, axis=3)  # B,H,S,T,w
         unit = picked.transpose(0, 1, 3, 2, 4).reshape(B, H, T, self.head_dim)
-        y = unit * length.astype(mx.float32)
-        return (y @ self.rotation.T) * self.smooth[:, None, :]
+        return unit * length.astype(mx.float32)
 
     @classmethod
     def calibrate(
