@@ -23,6 +23,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_lm.models import cache as kv
+from mlx_lm.models import eviction
 from mlx_lm.utils import load
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -42,12 +43,12 @@ def centred_mean(weights: mx.array, width: int = 5) -> mx.array:
 
 def score_symmetric(keys, queries, scale, left_padding=None):
     """score_snapkv with the forward spread swapped for a centred mean."""
-    spread = kv._spread_forward
-    kv._spread_forward = lambda x, width: centred_mean(x)
+    spread = eviction._spread_forward
+    eviction._spread_forward = lambda x, width: centred_mean(x)
     try:
-        return kv.score_snapkv(keys, queries, scale, left_padding)
+        return eviction.score_snapkv(keys, queries, scale, left_padding)
     finally:
-        kv._spread_forward = spread
+        eviction._spread_forward = spread
 
 
 def main(argv=None):

@@ -20,6 +20,34 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from . import kv_quant
 from .base import create_causal_mask
+from .eviction import (  # noqa: F401 (the policies, re-exported)
+    COMPACT_MODES,
+    COMPACT_POLICIES,
+    COMPACT_SCOPES,
+    DEFAULT_COMPACT_POLICY,
+    KEY_SCORERS,
+    PER_TOKEN_POLICIES,
+    QUERY_SCORERS,
+    SNAPKV_SPREAD,
+    SNAPKV_WINDOW,
+    score_keydiff,
+    score_l2_high,
+    score_l2_low,
+    score_snapkv,
+    select_kept,
+)
+from .kv_config import (  # noqa: F401 (the options, re-exported)
+    KV_BITS,
+    KV_GROUP_SIZES,
+    METHOD_FIELDS,
+    WINDOW_STRATEGIES,
+    KVCacheConfig,
+    _check_choice,
+    _check_int,
+    _check_window,
+    default_kv_group_size,
+    model_head_dim,
+)
 from .kv_quant import (  # noqa: F401 (the catalogue of KV quantization methods)
     KV_METHODS,
     AffineCodec,
@@ -518,19 +546,13 @@ def _time_ordered(rotating: "RotatingKVCache", window_size: int):
     return ordered, rotating.offset - ordered.offset
 
 
-# What validation errors call the window settings: the constructor's arguments
-# and the KVCacheConfig fields.
+# What validation errors call the window settings: the constructor's
+# arguments (the KVCacheConfig fields are kv_config._WINDOW_OPTIONS).
 _WINDOW_ARGS = (
     "window_size",
     "eviction_strategy",
     "fixed_prefix_size",
     "eviction_attention_window",
-)
-_WINDOW_OPTIONS = (
-    "window_size",
-    "window_strategy",
-    "window_prefix",
-    "window_attention_span",
 )
 
 
@@ -2387,430 +2409,3 @@ def cache_eviction_stats(prompt_cache: List[Any]) -> EvictionStats:
         for key in totals:
             totals[key] += stats[key]
     return totals
-
-
-# ---------------------------------------------------------------------------
-# Eviction: scoring functions, selection, and the options that configure it.
-# ---------------------------------------------------------------------------
-
-
-def _as_f32_with_norms(keys: mx.array):
-    """Keys in float32 and their L2 norms (a contraction over the last axis,
-    which unlike ``linalg.norm`` makes no key-sized temporary)."""
-    k = keys.astype(mx.float32)
-    return k, mx.sqrt(mx.einsum("...d,...d->...", k, k))
-
-
-def score_l2_low(keys: mx.array) -> mx.array:
-    """KnormPress (arXiv 2406.11430): low-norm keys draw attention, keep them."""
-    return -_as_f32_with_norms(keys)[1]
-
-
-def score_l2_high(keys: mx.array) -> mx.array:
-    """The reverse of ``l2-low``: keep the keys with the largest norm."""
-    return _as_f32_with_norms(keys)[1]
-
-
-def score_keydiff(keys: mx.array) -> mx.array:
-    """KeyDiff (arXiv 2504.15364): keep the keys least aligned (by cosine
-    similarity) with the mean of the unit keys."""
-    k, norms = _as_f32_with_norms(keys)
-    inverse = 1.0 / (norms + 1e-6)
-    mean_unit = (inverse[..., None, :] @ k) / k.shape[-2]
-    return -(k @ mx.swapaxes(mean_unit, -1, -2))[..., 0] * inverse
-
-
-# Queries a query-aware policy reads (SnapKV's observation window; the paper
-# uses 32, kvpress 64), and how many tokens after an attended key share its
-# score (a power of two).
-SNAPKV_WINDOW = 64
-SNAPKV_SPREAD = 16
-
-
-def _spread_forward(x: mx.array, width: int) -> mx.array:
-    """Each position's maximum over itself and the ``width - 1`` before it,
-    along the last axis (doubling the span per step: log2(width) maxima)."""
-    span = 1
-    while span < width:
-        before = mx.pad(x, [(0, 0)] * (x.ndim - 1) + [(span, 0)])[..., : x.shape[-1]]
-        x = mx.maximum(x, before)
-        span *= 2
-    return x
-
-
-def score_snapkv(
-    keys: mx.array,
-    queries: mx.array,
-    scale: float,
-    left_padding: Optional[mx.array] = None,
-) -> mx.array:
-    """SnapKV (arXiv 2404.14469): keep the keys that the newest queries (the
-    question, after a prompt) attend to most. ``keys`` [B, H, T, D] are one
-    layer's slots, ``queries`` [B, H * n_rep, w, D] its ``w`` newest queries,
-    which are also its ``w`` newest slots; the first ``left_padding`` slots
-    of each row (one count per row) are no tokens. A key scores the softmax
-    weight it gets, averaged over those queries and the query heads sharing
-    its KV head.
-
-    SnapKV then pools each score with its neighbours on both sides; here a
-    key's score goes to the ``SNAPKV_SPREAD - 1`` tokens after it instead. A
-    question attends to the words that name what it asks for, and the answer
-    is what follows them: with SmolLM2 (README, "Question-aware eviction") the
-    symmetric pooling kept the needle's key but lost its value.
-    """
-    B, H, T, D = keys.shape
-    w = queries.shape[2]
-    q = queries.astype(mx.float32).reshape(B, H, -1, w, D) * scale
-    logits = q @ mx.swapaxes(keys.astype(mx.float32), -1, -2)[:, :, None]
-    slot, query_slot = mx.arange(T), T - w + mx.arange(w)
-    hidden = slot[None] > query_slot[:, None]
-    if left_padding is None:
-        logits = mx.where(hidden, mx.array(-mx.inf, mx.float32), logits)
-        weights = mx.mean(mx.softmax(logits, axis=-1), axis=(2, 3))
-    else:
-        # Padding slots are hidden from every query, and padding queries
-        # (which would see nothing) are left out of the mean.
-        pad = left_padding.reshape(B, 1, 1, 1, 1)
-        hidden = hidden | (slot < pad)
-        real = query_slot[:, None] >= pad
-        logits = mx.where(hidden | ~real, mx.array(-mx.inf, mx.float32), logits)
-        logits = mx.where(real, logits, 0.0)
-        weights = mx.softmax(logits, axis=-1) * real
-        n_real = mx.sum(real, axis=(3, 4)) * q.shape[2]
-        weights = mx.sum(weights, axis=(2, 3)) / mx.maximum(n_real, 1)
-    # In logarithms: select_kept compares scores to 1e-4, and weights are
-    # mostly far smaller than that.
-    return mx.log(_spread_forward(weights, SNAPKV_SPREAD))
-
-
-# A policy is nothing but a scoring function: the higher the score, the more
-# a token deserves to stay. Key scorers map keys [..., T, D] to [..., T];
-# query scorers also read the newest queries (see score_snapkv).
-KEY_SCORERS = {
-    "l2-low": score_l2_low,
-    "l2-high": score_l2_high,
-    "keydiff": score_keydiff,
-}
-QUERY_SCORERS = {"snapkv": score_snapkv}
-COMPACT_POLICIES = {**KEY_SCORERS, **QUERY_SCORERS}
-# Policies under which a token's score depends on its own key alone, so that
-# a score once computed stays valid while the token is kept.
-PER_TOKEN_POLICIES = {"l2-low", "l2-high"}
-
-
-def select_kept(
-    scores: mx.array, n_keep: int, protect_first: int = 0, protect_last: int = 0
-) -> mx.array:
-    """Indices (ascending) of the ``n_keep`` positions to keep along the last axis.
-
-    The first ``protect_first`` and last ``protect_last`` positions are always kept;
-    the rest of the room goes to the highest ``scores``. Positions keep their
-    relative order, so the survivors stay in time order.
-    """
-    T = scores.shape[-1]
-    if not 0 < n_keep <= T:
-        raise ValueError(f"n_keep must be in [1, {T}], got {n_keep}")
-    if protect_first + protect_last > n_keep:
-        raise ValueError(
-            f"cannot protect {protect_first} + {protect_last} positions "
-            f"while keeping {n_keep}"
-        )
-    pos = mx.arange(T)
-    protected = (pos < protect_first) | (pos >= T - protect_last)
-    # Scores equal to 1e-4 are ties (RoPE keeps norms, so a repeated token's keys
-    # score alike up to rounding); a tie goes to the newer position, so that runs
-    # whose arithmetic differs in the last bits (batched or not) keep the same tokens.
-    grid = mx.round(mx.clip(scores.astype(mx.float32), -1e9, 1e9) * 1e4)
-    rank = grid.astype(mx.int64) * (T + 1) + pos.astype(mx.int64)
-    rank = mx.where(protected, mx.array(2**62, mx.int64), rank)
-    top = mx.argpartition(-rank, kth=n_keep - 1, axis=-1)[..., :n_keep]
-    return mx.sort(top, axis=-1)
-
-
-COMPACT_SCOPES = ("model", "layer", "head")
-COMPACT_MODES = ("stream", "once")
-# Without a question at the end of what was read (streaming through a long
-# prompt) attention says little about what is needed later: keydiff there.
-DEFAULT_COMPACT_POLICY = {"once": "snapkv", "stream": "keydiff"}
-WINDOW_STRATEGIES = ("fifo", "fixed", "attention")
-KV_BITS = (2, 3, 4, 5, 6, 8)
-KV_GROUP_SIZES = (32, 64, 128)
-
-
-def default_kv_group_size(head_dim: Optional[int]) -> int:
-    """The quantization group used when none is asked for: 64, or 32 where 64
-    does not divide the head dimension (32 wide heads as in the bundled demo
-    model, 96 wide as in Phi-3)."""
-    if head_dim is not None and head_dim % 64 and head_dim % 32 == 0:
-        return 32
-    return 64
-
-
-def model_head_dim(model) -> Optional[int]:
-    """Width of one attention head of ``model``, from its arguments (None when
-    they do not say)."""
-    args = getattr(model, "args", None)
-    head_dim = getattr(args, "head_dim", None)
-    heads = getattr(args, "num_attention_heads", None)
-    if head_dim is None and heads:
-        head_dim = args.hidden_size // heads
-    return head_dim
-
-
-def _check_int(name, value, low, optional=False):
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if value < low:
-        raise ValueError(f"{name} must be at least {low}, got {value}")
-
-
-def _check_choice(name, value, choices):
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
-
-
-def _check_window(size, strategy, prefix, span, names):
-    """Validate sliding-window settings; ``names`` are what errors call the four
-    (a ``size`` of None checks the others alone)."""
-    size_name, strategy_name, prefix_name, span_name = names
-    _check_int(size_name, size, 1, optional=True)
-    _check_choice(strategy_name, strategy, WINDOW_STRATEGIES)
-    _check_int(prefix_name, prefix, 0)
-    _check_int(span_name, span, 1)
-    if size is None:
-        return
-    if prefix >= size:
-        raise ValueError(
-            f"{prefix_name} ({prefix}) must be smaller than {size_name} ({size})"
-        )
-    if strategy == "fifo" and prefix > 0:
-        raise ValueError(
-            f"{prefix_name} ({prefix}) needs {strategy_name} 'fixed' or 'attention'; "
-            "'fifo' keeps no prefix"
-        )
-    if strategy == "attention" and size <= prefix + span:
-        raise ValueError(
-            f"{size_name} ({size}) must be larger than {prefix_name} + {span_name} "
-            f"({prefix} + {span}) with {strategy_name} 'attention', or no token "
-            "would be kept for the attention it received"
-        )
-
-
-def _check_method(config: "KVCacheConfig"):
-    """The quantization-method settings of ``config`` (``method`` is set)."""
-    _check_choice("method", config.method, kv_quant.KV_METHODS)
-    if config.kv_bits is not None:
-        raise ValueError(
-            f"kv_bits={config.kv_bits} quantizes with affine groups and "
-            f"method={config.method!r} with its own codes: choose one (bits sets "
-            "the method's key bits)"
-        )
-    _check_choice(
-        f"bits for method {config.method!r}",
-        config.bits,
-        kv_quant.METHOD_BITS[config.method],
-    )
-    value_bits = kv_quant.VALUE_BITS
-    if config.method == "affine":
-        value_bits = tuple(kv_quant.METHOD_BITS["affine"]) + (16,)
-    _check_choice("value_bits", config.value_bits, value_bits)
-    _check_int("num_residuals", config.num_residuals, 1)
-    _check_int("sketch_dim", config.sketch_dim, 1)
-    _check_int("num_clusters", config.num_clusters, 1)
-    if config.num_clusters > 256:
-        raise ValueError(f"num_clusters must be at most 256, got {config.num_clusters}")
-    _check_int("num_subspaces", config.num_subspaces, 1, optional=True)
-    _check_choice("outlier_bits", config.outlier_bits, tuple(range(2, 9)))
-    _check_int("signal_bits", config.signal_bits, 1)
-    _check_int("noise_bits", config.noise_bits, 1)
-    _check_int("seed", config.seed, 0)
-    for name in ("use_hadamard", "use_fused_sdpa"):
-        if not isinstance(getattr(config, name), bool):
-            raise ValueError(
-                f"{name} must be true or false, got {getattr(config, name)!r}"
-            )
-    if config.bit_allocation is not None:
-        for b in config.bit_allocation:
-            _check_choice(
-                "bit_allocation entries", b, kv_quant.METHOD_BITS["ratequant"]
-            )
-
-
-@dataclass
-class KVCacheConfig:
-    """Every KV-cache memory option in one value.
-
-    Built once from command-line flags, keyword arguments or a server request and
-    handed to :func:`make_prompt_cache` and the generation loop. At most one way of
-    bounding the cache may be chosen: ``max_kv_size`` (keep the first 4 and the most
-    recent tokens), ``compact_kv_budget`` (evict by key score) or ``window_size``
-    (sliding window). ``kv_bits`` composes with each of them.
-    """
-
-    max_kv_size: Optional[int] = None
-    kv_bits: Optional[int] = None
-    # None: decided per model by for_model (default_kv_group_size of its heads).
-    kv_group_size: Optional[int] = None
-    quantized_kv_start: int = 0
-    compact_kv_budget: Optional[int] = None
-    compact_keep_recent: int = 32
-    # Defaults chosen with benchmarks/eval_ruler.py on SmolLM2 and Gemma-3
-    # (README, "Measured quality, and the defaults it chose"). None: the policy
-    # that scored best in compact_mode (DEFAULT_COMPACT_POLICY).
-    compact_policy: Optional[str] = None
-    compact_scope: str = "head"
-    compact_sink_tokens: int = 0
-    compact_margin: Optional[int] = None
-    compact_mode: str = "once"
-    window_size: Optional[int] = None
-    window_strategy: str = "fifo"
-    window_prefix: int = 0
-    window_attention_span: int = 32
-    # A KV quantization method (README, "KV quantization methods"): keys in
-    # bits, values in value_bits (16: float16). Without it kv_bits quantizes
-    # both with affine groups, as upstream does.
-    method: Optional[str] = None
-    bits: int = 1
-    value_bits: int = 2
-    num_residuals: int = 2
-    use_hadamard: bool = True
-    codebook: Optional[Any] = None
-    smooth_factors: Optional[Any] = None
-    rotations: Optional[Any] = None
-    bit_allocation: Optional[List[int]] = None
-    outlier_observer: Optional[Any] = None
-    outlier_bits: int = 8
-    sketch_dim: int = 64
-    num_clusters: int = 64
-    num_subspaces: Optional[int] = None
-    use_fused_sdpa: bool = True
-    signal_bits: int = 4
-    noise_bits: int = 1
-    seed: int = 0
-    # Folder written by python -m mlx_lm.calibrate_kv (or an NpyArtifactStore).
-    calibration: Optional[Any] = None
-
-    def __post_init__(self):
-        _check_int("max_kv_size", self.max_kv_size, 1, optional=True)
-        if self.kv_bits is not None:
-            _check_choice("kv_bits", self.kv_bits, KV_BITS)
-        if self.kv_group_size is not None:
-            _check_choice("kv_group_size", self.kv_group_size, KV_GROUP_SIZES)
-        _check_int("quantized_kv_start", self.quantized_kv_start, 0)
-
-        _check_int("compact_kv_budget", self.compact_kv_budget, 1, optional=True)
-        _check_int("compact_keep_recent", self.compact_keep_recent, 0)
-        _check_int("compact_sink_tokens", self.compact_sink_tokens, 0)
-        _check_int("compact_margin", self.compact_margin, 1, optional=True)
-        if self.compact_policy is not None:
-            _check_choice("compact_policy", self.compact_policy, COMPACT_POLICIES)
-        _check_choice("compact_scope", self.compact_scope, COMPACT_SCOPES)
-        _check_choice("compact_mode", self.compact_mode, COMPACT_MODES)
-        if self.compact_kv_budget is not None:
-            protected = self.compact_keep_recent + self.compact_sink_tokens
-            if self.compact_kv_budget <= protected:
-                raise ValueError(
-                    f"compact_kv_budget ({self.compact_kv_budget}) must be larger than "
-                    f"compact_keep_recent + compact_sink_tokens ({protected})"
-                )
-
-        _check_window(
-            self.window_size,
-            self.window_strategy,
-            self.window_prefix,
-            self.window_attention_span,
-            _WINDOW_OPTIONS,
-        )
-
-        if self.method is not None:
-            _check_method(self)
-        elif self.outlier_observer is not None:
-            raise ValueError(
-                "outlier_observer holds key channels apart from a method's codes: "
-                "it needs method"
-            )
-
-        bounds = [
-            f"{name}={getattr(self, name)}"
-            for name in ("max_kv_size", "compact_kv_budget", "window_size")
-            if getattr(self, name) is not None
-        ]
-        if len(bounds) > 1:
-            raise ValueError(
-                f"choose one way to bound the KV cache, got {' and '.join(bounds)}"
-            )
-
-    @property
-    def policy(self) -> str:
-        """``compact_policy``, or the default for ``compact_mode`` when None."""
-        return self.compact_policy or DEFAULT_COMPACT_POLICY[self.compact_mode]
-
-    @property
-    def evicts(self) -> bool:
-        """Whether the cache drops tokens once it is full."""
-        return any(
-            v is not None
-            for v in (self.max_kv_size, self.compact_kv_budget, self.window_size)
-        )
-
-    def for_head_dim(self, head_dim: int) -> "KVCacheConfig":
-        """This config with an affine group decided for heads of ``head_dim``
-        (as :meth:`for_model` does) when it quantizes with affine groups."""
-        affine = self.kv_bits is not None or self.method == "affine"
-        if not affine:
-            return self
-        group = self.kv_group_size or default_kv_group_size(head_dim)
-        if head_dim % group:
-            raise ValueError(
-                f"kv_group_size {group} does not divide the head dimension "
-                f"{head_dim} (kv_group_size is one of {list(KV_GROUP_SIZES)})"
-            )
-        return replace(self, kv_group_size=group)
-
-    def for_model(self, model, prompt_cache=None) -> "KVCacheConfig":
-        """This config with ``kv_group_size`` decided for ``model`` when
-        ``kv_bits`` is set: the one asked for, else the group of an already
-        quantized ``prompt_cache`` layer, else :func:`default_kv_group_size` of
-        the model's heads. Every cache of the model and every conversion to
-        quantized storage then uses that one group; a group that does not
-        divide the heads is a ``ValueError``."""
-        if self.kv_bits is None:
-            return self
-        group = self.kv_group_size
-        if group is None:
-            quantized = [c for c in prompt_cache or () if hasattr(c, "bits")]
-            if quantized:
-                group = quantized[0].group_size
-        head_dim = model_head_dim(model)
-        if group is None:
-            group = default_kv_group_size(head_dim)
-        if head_dim is not None and head_dim % group:
-            raise ValueError(
-                f"kv_group_size {group} does not divide the head dimension "
-                f"{head_dim} (kv_group_size is one of {list(KV_GROUP_SIZES)})"
-            )
-        if group == self.kv_group_size:
-            return self
-        return replace(self, kv_group_size=group)
-
-    @classmethod
-    def from_options(cls, base: Optional["KVCacheConfig"] = None, **options):
-        """``base`` (or the defaults) with ``options`` applied; ``None`` values are
-        ignored and an unknown option is a ``ValueError`` naming it."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ValueError(f"unknown KV-cache option(s): {', '.join(unknown)}")
-        values = {}
-        if base is not None:
-            values = {f.name: getattr(base, f.name) for f in fields(base)}
-        values.update({k: v for k, v in options.items() if v is not None})
-        return cls(**values)
-
-
-# The fields that configure a quantization method (VeloxQuant-MLX's names),
-# apart from the memory options that command lines and requests name directly.
-_NAMES = [f.name for f in fields(KVCacheConfig)]
-METHOD_FIELDS = tuple(_NAMES[_NAMES.index("method") :])
