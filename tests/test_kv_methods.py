@@ -375,7 +375,11 @@ class TestConfigAndBuilder(unittest.TestCase):
             model, KVCacheConfig(method="turboquant_rvq", bits=2)
         )
         kinds = {type(c) for c in caches}
-        self.assertEqual(kinds, {RotatingKVCache, CodecKVCache})
+        self.assertEqual(kinds, {SlidingWindowKVCache, CodecKVCache})
+        # The model's windows keep their size, over codes.
+        windows = [c for c in caches if isinstance(c, SlidingWindowKVCache)]
+        self.assertTrue(all(w.window_size == 8 for w in windows))
+        self.assertTrue(all(isinstance(w.inner, CodecKVCache) for w in windows))
 
 
 class TestGeneration(unittest.TestCase):

@@ -2207,14 +2207,16 @@ def _bounded_layer(layer, config: "KVCacheConfig", index: int = 0, head_dim=None
     """``layer`` (from the model) bounded as ``config`` asks."""
     if not isinstance(layer, RotatingKVCache):
         return _bounded_cache(config, head_dim, index)
-    if not config.evicts:
-        return layer
-    # A window of the model's own: score-based eviction cannot keep its mask
-    # (slots stop matching positions), so a narrower bound keeps the newest.
-    tokens, keep = _bound_tokens(config)
-    if layer.max_size <= tokens:
-        return layer
-    return RotatingKVCache(tokens, keep=keep)
+    if config.evicts:
+        # A window of the model's own: score-based eviction cannot keep its
+        # mask (slots stop matching positions), so a narrower bound keeps the
+        # newest.
+        tokens, keep = _bound_tokens(config)
+        if layer.max_size > tokens:
+            layer = RotatingKVCache(tokens, keep=keep)
+    if config.method is not None and config.quantized_kv_start == 0:
+        return to_codec(layer, config, index, head_dim)
+    return layer
 
 
 def method_codecs(config: "KVCacheConfig", head_dim: Optional[int], index: int):
@@ -2263,10 +2265,18 @@ def _bounded_cache(
 
 def to_codec(layer, config: "KVCacheConfig", index: int, head_dim: int):
     """``layer`` holding the codes of ``config.method`` instead of float keys
-    and values (the same tokens, bound and counters); other caches (a window
-    of the model's own, codes already) come back as they are."""
+    and values (the same tokens, bound and counters; a ``RotatingKVCache``
+    becomes a window of its size over codes); other caches (codes already,
+    affine groups) come back as they are."""
     if isinstance(layer, (CodecKVCache, CodecCompressedKVCache)):
         return layer
+    if isinstance(layer, RotatingKVCache):
+        # The same window over codes (its tokens taken over oldest first).
+        strategy = "fixed" if layer.keep else "fifo"
+        window = SlidingWindowKVCache(
+            layer, layer.max_size, strategy, fixed_prefix_size=layer.keep
+        )
+        return to_codec(window, config, index, head_dim)
     if isinstance(layer, SlidingWindowKVCache):
         coded = copy.copy(layer)
         coded.inner = to_codec(layer.inner, config, index, head_dim)
