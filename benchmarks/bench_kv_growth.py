@@ -1,4 +1,5 @@
-"""Append tokens one at a time to a KV cache and count buffer reallocations.
+"""Append tokens one at a time to a KV cache: buffer reallocations, time, and the
+worst ratio of buffer slots to tokens held from 1K tokens on.
 
 Compares the fork's ``KVCache`` (geometric growth) with a baseline that grows
 by a fixed 256 slots through cut-and-concatenate (defined below) and, when
@@ -68,13 +69,15 @@ def measure(cache, config: dict) -> dict:
         mx.reset_peak_memory()
     every = config["eval_every"]
     quarter = max(config["tokens"] // 4, 1)
-    reallocations, capacity, marks = 0, 0, []
+    reallocations, capacity, marks, worst = 0, 0, [], 0.0
     start = time.perf_counter()
     for i in range(config["tokens"]):
         fetched = cache.update_and_fetch(keys, values)
         if cache.keys.shape[2] != capacity:
             reallocations += 1
             capacity = cache.keys.shape[2]
+        if i + 1 >= 1024:
+            worst = max(worst, capacity / (i + 1))
         if (i + 1) % every == 0 or (i + 1) % quarter == 0:
             mx.eval(fetched)
         if (i + 1) % quarter == 0:
@@ -91,6 +94,8 @@ def measure(cache, config: dict) -> dict:
         "seconds": seconds,
         "us_per_token": 1e6 * seconds / config["tokens"],
         "us_per_token_by_quarter": quarters,
+        # Buffer slots over tokens held, at its worst from 1K tokens on.
+        "worst_resident_over_held": worst,
     }
     if hasattr(mx, "get_peak_memory"):
         result["peak_mb"] = mx.get_peak_memory() / 2**20
@@ -158,6 +163,7 @@ def run_upstream(python: str, config: dict) -> dict:
 def print_table(rows):
     header = f"{'cache':<28}{'reallocs':>9}{'capacity':>10}{'seconds':>9}"
     header += f"{'us/token':>10}{'first q':>9}{'last q':>9}{'peak MB':>9}"
+    header += f"{'resident/held':>15}"
     print(header)
     print("-" * len(header))
     for name, r in rows:
@@ -170,6 +176,7 @@ def print_table(rows):
             f"{name:<28}{r['reallocations']:>9}{r['capacity']:>10}"
             f"{r['seconds']:>9.3f}{r['us_per_token']:>10.1f}"
             f"{quarters[0]:>9.1f}{quarters[-1]:>9.1f}{peak}"
+            f"{r.get('worst_resident_over_held', float('nan')):>15.3f}"
         )
 
 

@@ -105,18 +105,23 @@ class GrowthChecks:
         self.assertEqual(cache.trim(100), 100)
         fetched = self.add(cache, 1000, 400)
         self.assert_holds(fetched, list(range(200)) + list(range(1000, 1400)))
-        self.assertEqual((cache.allocations, self.capacity(cache)), (2, 1024))
+        self.assertEqual((cache.allocations, self.capacity(cache)), (2, 768))
         stored = tree_flatten(cache.state)[0][1]
         self.assertEqual(stored.shape[2], 600)
 
     def test_32k_tokens_one_at_a_time(self):
         cache = self.make()
+        worst = 0.0
         for i in range(32768):
             fetched = self.add(cache, i, 1)
             if i % 1024 == 1023:
                 mx.eval(fetched)
-        self.assertLessEqual(cache.allocations, 8)
-        self.assertEqual(self.capacity(cache), 32768)
+            if i >= 1023:
+                worst = max(worst, self.capacity(cache) / (i + 1))
+        # O(log n) allocations, and the buffer within 1.15x of what it holds.
+        self.assertLessEqual(cache.allocations, 40)
+        self.assertLessEqual(worst, 1.15)
+        self.assertGreater(worst, 1.0)
         keys, values = fetched
         self.assertEqual(keys.shape[2], 32768)
         self.assertTrue(mx.array_equal(keys[0, 0, :, 0], mx.arange(32768)).item())
@@ -133,7 +138,8 @@ class GrowthChecks:
         for i in range(300, 700):
             fetched = self.add(loaded, i, 1)
         self.assert_holds(fetched, list(range(700)))
-        self.assertEqual((loaded.allocations, self.capacity(loaded)), (1, 768))
+        # 300 -> 512 -> 768 slots.
+        self.assertEqual((loaded.allocations, self.capacity(loaded)), (2, 768))
 
 
 class TestKVCacheGrowth(GrowthChecks, unittest.TestCase):
