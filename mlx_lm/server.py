@@ -18,6 +18,7 @@ error in OpenAI's format.
 
 import argparse
 import json
+import math
 import queue
 import re
 import select
@@ -62,6 +63,8 @@ DEFAULT_MAX_REQUEST_BYTES = 1 << 20
 DEFAULT_MODEL_ALIAS = "default_model"
 MAX_TOP_LOGPROBS = 20
 MAX_STOP_SEQUENCES = 16
+# The most tokens one request may ask to generate (``--max-tokens-limit``).
+DEFAULT_MAX_TOKENS_LIMIT = 32768
 
 # Memory options a request may name: the config's own fields, and a
 # quantization method under the command line's names (kv_method, kv_bits as
@@ -110,12 +113,13 @@ TEXT_FIELDS = COMMON_FIELDS | {"prompt", "logprobs"}
 class APIError(Exception):
     """A request the server refuses, with the HTTP status and OpenAI error fields."""
 
-    def __init__(self, status, message, param=None, code=None):
+    def __init__(self, status, message, param=None, code=None, headers=None):
         super().__init__(message)
         self.status = int(status)
         self.message = message
         self.param = param
         self.code = code
+        self.headers = headers or {}
         self.kind = "invalid_request_error" if self.status < 500 else "server_error"
 
     def body(self) -> dict:
@@ -143,6 +147,9 @@ class ServerDefaults:
     """What a request gets for every field it leaves out."""
 
     max_tokens: int = DEFAULT_MAX_TOKENS
+    max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT
+    # Longest prompt in tokens; None: the model's context length.
+    max_prompt_tokens: Optional[int] = None
     temperature: float = DEFAULT_TEMP
     top_p: float = DEFAULT_TOP_P
     top_k: int = DEFAULT_TOP_K
@@ -173,6 +180,7 @@ class GenerationRequest:
     logprobs: bool
     top_logprobs: int
     kv_config: KVCacheConfig
+    max_prompt_tokens: Optional[int] = None
 
 
 def _is_int(v):
@@ -180,7 +188,27 @@ def _is_int(v):
 
 
 def _is_number(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    # Finite only: JSON's 1e999 parses to infinity.
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_strings(body):
+    """Refuse any string in ``body`` that UTF-8 cannot encode (lone surrogates
+    from ``\\ud800`` escapes), naming the field it is in."""
+    pending = [(body, None)]
+    while pending:
+        value, where = pending.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                pending.append((key, where))
+                pending.append((item, key if where is None else f"{where}.{key}"))
+        elif isinstance(value, list):
+            pending.extend((item, where) for item in value)
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise _invalid(where, f"{where or 'a key'} holds a lone surrogate")
 
 
 class _Fields:
@@ -207,7 +235,7 @@ class _Fields:
         return value
 
     def number(self, name, default=None, low=None, high=None, positive=False):
-        value = self._read(name, _is_number, "a number", default)
+        value = self._read(name, _is_number, "a finite number", default)
         if value is None:
             return value
         if positive and value <= 0:
@@ -300,7 +328,8 @@ def _parse_logit_bias(value):
         return None
     bias = {}
     for key, amount in value.items():
-        if not (isinstance(key, str) and key.isdigit()) or not _is_number(amount):
+        # ASCII digits only: "²".isdigit() is true, but it is no token id.
+        if not re.fullmatch(r"[0-9]+", key) or not _is_number(amount):
             raise _invalid(
                 "logit_bias", "logit_bias maps token ids to numbers in [-100, 100]"
             )
@@ -387,6 +416,7 @@ def parse_request(body, kind, defaults: ServerDefaults, models) -> GenerationReq
             param=unknown[0],
             code="unsupported_field",
         )
+    _check_strings(body)
     f = _Fields(body)
     model_id = models.resolve(f.text("model"))
     if f.integer("n", 1) != 1:
@@ -401,9 +431,10 @@ def parse_request(body, kind, defaults: ServerDefaults, models) -> GenerationReq
     if not isinstance(include_usage, bool):
         raise _invalid("stream_options", "stream_options.include_usage must be boolean")
 
-    max_tokens = f.integer("max_tokens", defaults.max_tokens, low=1)
+    limit = defaults.max_tokens_limit
+    max_tokens = f.integer("max_tokens", defaults.max_tokens, low=1, high=limit)
     if kind == "chat":
-        max_tokens = f.integer("max_completion_tokens", max_tokens, low=1)
+        max_tokens = f.integer("max_completion_tokens", max_tokens, low=1, high=limit)
         messages, prompt = _parse_messages(body.get("messages")), None
         logprobs = f.boolean("logprobs")
         top_logprobs = f.integer("top_logprobs", 0, low=0, high=MAX_TOP_LOGPROBS)
@@ -438,6 +469,7 @@ def parse_request(body, kind, defaults: ServerDefaults, models) -> GenerationReq
         logprobs=logprobs,
         top_logprobs=top_logprobs,
         kv_config=request_kv_config(defaults.kv_config, body),
+        max_prompt_tokens=defaults.max_prompt_tokens,
     )
 
 
@@ -658,6 +690,13 @@ def encode_prompt(request: GenerationRequest, tokenizer) -> List[int]:
     return list(ids)
 
 
+def context_length(model) -> Optional[int]:
+    """The context length the model was trained for, when its config says."""
+    args = getattr(model, "args", None)
+    found = getattr(args, "max_position_embeddings", None)
+    return found if isinstance(found, int) and found > 0 else None
+
+
 def _logprob_entry(tokenizer, token, logprobs, top_k):
     entry = {"token": tokenizer.decode([token]), "logprob": logprobs[token].item()}
     top = []
@@ -759,6 +798,15 @@ class GenerationWorker:
                 400, str(e), param="kv_group_size", code="invalid_kv_cache_option"
             )
         prompt = encode_prompt(request, tokenizer)
+        limit = request.max_prompt_tokens or context_length(model)
+        if limit is not None and len(prompt) > limit:
+            raise APIError(
+                400,
+                f"the prompt has {len(prompt)} tokens; this server accepts at most "
+                f"{limit}",
+                param="messages" if request.kind == "chat" else "prompt",
+                code="context_length_exceeded",
+            )
         if request.logit_bias and max(request.logit_bias) >= len(tokenizer):
             raise APIError(400, "logit_bias names a token outside the vocabulary")
         sampler = make_sampler(
@@ -990,9 +1038,11 @@ class APIHandler(BaseHTTPRequestHandler):
         if self.server.log_requests:
             super().log_message(format, *args)
 
-    def _send_json(self, status, payload, close=False):
+    def _send_json(self, status, payload, close=False, headers=None):
         data = json.dumps(payload).encode()
         self.send_response(status)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         if close:
@@ -1003,7 +1053,7 @@ class APIHandler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
     def _send_api_error(self, error: APIError, close=False):
-        self._send_json(error.status, error.body(), close=close)
+        self._send_json(error.status, error.body(), close=close, headers=error.headers)
 
     def send_error(self, code, message=None, explain=None):
         # http.server's own refusals (bad request line, oversized headers, unknown
@@ -1024,11 +1074,26 @@ class APIHandler(BaseHTTPRequestHandler):
         except (OSError, ValueError):
             return True
 
+    def _content_length(self) -> Optional[int]:
+        """The Content-Length header as a number, None when absent; ASCII digits
+        only (``int`` would also read other scripts' digits)."""
+        length = self.headers.get("Content-Length")
+        if length is None:
+            return None
+        if not re.fullmatch(r"[0-9]+", length.strip()):
+            raise APIError(400, f"invalid Content-Length: {length!r}")
+        return int(length)
+
     def handle_expect_100(self):
-        # Refuse an announced oversized body before the client sends it.
-        length = self.headers.get("Content-Length", "")
-        if length.isdigit() and int(length) > self.server.max_request_bytes:
-            self._refuse_body(int(length))
+        # Refuse an announced oversized body before the client sends it; a bad
+        # length is answered when the body is read.
+        try:
+            length = self._content_length()
+        except APIError as e:
+            self._send_api_error(e, close=True)
+            return False
+        if length is not None and length > self.server.max_request_bytes:
+            self._refuse_body(length)
             return False
         return super().handle_expect_100()
 
@@ -1058,12 +1123,17 @@ class APIHandler(BaseHTTPRequestHandler):
     def _read_body(self) -> dict:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             raise APIError(411, "send the body with a Content-Length header")
-        length = self.headers.get("Content-Length")
+        length = self._content_length()
         if length is None:
             raise APIError(411, "a Content-Length header is required")
-        if not length.strip().isdigit():
-            raise APIError(400, f"invalid Content-Length: {length!r}")
-        length = int(length)
+        kind = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if kind != "application/json":
+            # Also what keeps a web page's form or text/plain POST out.
+            raise APIError(
+                415,
+                f"send the body as application/json, not {kind or 'no Content-Type'}",
+                code="unsupported_media_type",
+            )
         if length > self.server.max_request_bytes:
             self._refuse_body(length)
             raise _ClientGone()
@@ -1075,6 +1145,10 @@ class APIHandler(BaseHTTPRequestHandler):
         except (UnicodeDecodeError, ValueError) as e:
             raise APIError(
                 400, f"the request body is not valid JSON: {e}", code="invalid_json"
+            )
+        except RecursionError:
+            raise APIError(
+                400, "the request body nests too deeply", code="invalid_json"
             )
 
     def _dispatch(self, method):
@@ -1088,7 +1162,9 @@ class APIHandler(BaseHTTPRequestHandler):
                 allowed = [m for m, p in self.routes if p == path]
                 if allowed:
                     raise APIError(
-                        405, f"{method} is not allowed on {path}; use {allowed[0]}"
+                        405,
+                        f"{method} is not allowed on {path}; use {allowed[0]}",
+                        headers={"Allow": ", ".join(allowed)},
                     )
                 raise APIError(404, f"no route for {method} {path}", code="unknown_url")
             getattr(self, name)()
@@ -1109,16 +1185,10 @@ class APIHandler(BaseHTTPRequestHandler):
             except OSError:
                 pass
 
-    def do_GET(self):
-        self._dispatch("GET")
+    def _by_method(self):
+        self._dispatch(self.command)
 
-    def do_POST(self):
-        self._dispatch("POST")
-
-    def do_PUT(self):
-        self._dispatch("PUT")
-
-    do_DELETE = do_PATCH = do_OPTIONS = do_PUT
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _by_method
 
     # -- endpoints --------------------------------------------------------
 
@@ -1307,6 +1377,19 @@ def setup_arg_parser():
         default=DEFAULT_MAX_TOKENS,
         help="Tokens to generate when a request does not say",
     )
+    p.add_argument(
+        "--max-tokens-limit",
+        type=_int_at_least(1),
+        default=DEFAULT_MAX_TOKENS_LIMIT,
+        help="Requests asking for more tokens are refused with 400",
+    )
+    p.add_argument(
+        "--max-prompt-tokens",
+        type=_int_at_least(1),
+        default=None,
+        help="Longer prompts are refused with 400 (default: the model's "
+        "context length, max_position_embeddings)",
+    )
     p.add_argument("--temp", type=_float_within(0.0), default=DEFAULT_TEMP)
     p.add_argument("--top-p", type=_float_within(0.0, 1.0), default=DEFAULT_TOP_P)
     p.add_argument("--top-k", type=_int_at_least(0), default=DEFAULT_TOP_K)
@@ -1338,6 +1421,8 @@ def build_server(args: argparse.Namespace) -> APIServer:
     models.get(model_id)
     defaults = ServerDefaults(
         max_tokens=args.max_tokens,
+        max_tokens_limit=args.max_tokens_limit,
+        max_prompt_tokens=args.max_prompt_tokens,
         temperature=args.temp,
         top_p=args.top_p,
         top_k=args.top_k,
@@ -1361,6 +1446,11 @@ def main(argv=None):
         kv_config_from_args(args)
     except ValueError as e:
         parser.error(str(e))
+    if args.max_tokens > args.max_tokens_limit:
+        parser.error(
+            f"--max-tokens ({args.max_tokens}) is above --max-tokens-limit "
+            f"({args.max_tokens_limit})"
+        )
     if args.host not in ("127.0.0.1", "localhost"):
         print(
             f"Warning: binding {args.host} exposes the server beyond this machine; "

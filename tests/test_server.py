@@ -118,7 +118,10 @@ class ServerCase(unittest.TestCase):
         try:
             if isinstance(body, (dict, list)):
                 body = json.dumps(body)
-            conn.request(method, path, body=body, headers=headers or {})
+            headers = dict(headers or {})
+            if body is not None:
+                headers.setdefault("Content-Type", "application/json")
+            conn.request(method, path, body=body, headers=headers)
             response = conn.getresponse()
             data = response.read().decode()
         finally:
@@ -237,7 +240,12 @@ class TestEndpoints(ServerCase):
     def test_stream_wire_format(self):
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
         body = {"prompt": "wire", "max_tokens": 4, "stream": True}
-        conn.request("POST", "/v1/completions", body=json.dumps(body))
+        conn.request(
+            "POST",
+            "/v1/completions",
+            body=json.dumps(body),
+            headers={"Content-Type": "application/json"},
+        )
         response = conn.getresponse()
         self.assertEqual(response.status, 200)
         self.assertEqual(response.getheader("Content-Type"), "text/event-stream")
@@ -360,7 +368,7 @@ class TestEndpoints(ServerCase):
 
 
 class TestBadRequests(ServerCase):
-    flags = ("--max-request-bytes", "20000")
+    flags = ("--max-request-bytes", "20000", "--max-prompt-tokens", "64")
 
     def assertError(self, status, response, code=None, param=None):
         got_status, body = response
@@ -380,8 +388,10 @@ class TestBadRequests(ServerCase):
         self.assertEqual(r.object, "text_completion")
 
     def test_malformed_json(self):
-        for body in ("{", "[1, 2]", '"text"', '{"prompt": NaN}', b"\xff\xfe"):
-            with self.subTest(body=body):
+        deep = "[" * 9000 + "]" * 9000
+        bodies = ("{", "[1, 2]", '"text"', '{"prompt": NaN}', b"\xff\xfe", deep)
+        for i, body in enumerate(bodies):
+            with self.subTest(body=i):
                 response = self.raw("POST", "/v1/completions", body=body)
                 self.assertError(400, response)
 
@@ -414,12 +424,96 @@ class TestBadRequests(ServerCase):
             ({"max_kv_size": 64, "window_size": 32}, None),
             ({"compact_kv_budget": 8}, "compact_kv_budget"),
             ({"not_a_field": 1}, "not_a_field"),
+            # Integers given as floats, choices given as lists or objects.
+            ({"kv_bits": 4.0}, "kv_bits"),
+            ({"kv_group_size": 64.0}, "kv_group_size"),
+            ({"compact_kv_budget": 64.0}, "compact_kv_budget"),
+            ({"compact_policy": ["snapkv"]}, "compact_policy"),
+            ({"compact_scope": {"a": 1}}, "compact_scope"),
+            ({"kv_method": ["qjl"]}, "kv_method"),
+            # Digits of other scripts are no token ids; no unbounded work.
+            ({"logit_bias": {"\u00b2": 1}}, "logit_bias"),
+            ({"logit_bias": {"\u2460": 1}}, "logit_bias"),
+            ({"logit_bias": {"\u0663": 1}}, "logit_bias"),
+            ({"max_tokens": 10**30}, "max_tokens"),
+            ({"max_tokens": 32769}, "max_tokens"),
         ]
         for change, param in cases:
             with self.subTest(change=change):
                 body = dict(good, **change)
                 response = self.raw("POST", "/v1/completions", body=body)
                 self.assertError(400, response, param=param)
+
+    def test_numbers_must_be_finite(self):
+        # JSON's 1e999 is infinity once parsed, like the refused literal.
+        for name in ("temperature", "repetition_penalty", "top_p"):
+            for text in ("1e999", "-1e999"):
+                with self.subTest(name=name, value=text):
+                    body = '{"prompt": "hi", "%s": %s}' % (name, text)
+                    response = self.raw("POST", "/v1/completions", body=body)
+                    self.assertError(400, response, param=name)
+
+    def test_lone_surrogates(self):
+        for path, body in (
+            ("/v1/completions", '{"prompt": "a\\ud800b"}'),
+            ("/v1/completions", '{"prompt": "hi", "stop": ["\\udfff"]}'),
+            (
+                "/v1/chat/completions",
+                '{"messages": [{"role": "user", "content": "\\ud83d"}]}',
+            ),
+        ):
+            with self.subTest(body=body):
+                status, reply = self.raw("POST", path, body=body)
+                self.assertError(400, (status, reply))
+                self.assertIn("surrogate", reply["error"]["message"])
+
+    def test_prompt_longer_than_the_limit(self):
+        ids = text_ids("hello world " * 40)
+        self.assertGreater(len(ids), 64)
+        status, reply = self.raw("POST", "/v1/completions", {"prompt": ids})
+        self.assertError(400, (status, reply), code="context_length_exceeded")
+        self.assertIn(str(len(ids)), reply["error"]["message"])
+        self.assertIn("64", reply["error"]["message"])
+
+    def test_json_routes_take_json_only(self):
+        body = json.dumps({"prompt": "hi", "max_tokens": 2})
+        for kind in ("text/plain", "application/x-www-form-urlencoded", ""):
+            with self.subTest(content_type=kind):
+                headers = {"Content-Type": kind} if kind else {}
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+                conn.putrequest("POST", "/v1/completions")
+                for name, value in headers.items():
+                    conn.putheader(name, value)
+                conn.putheader("Content-Length", str(len(body)))
+                conn.endheaders(body.encode())
+                response = conn.getresponse()
+                reply = json.loads(response.read())
+                conn.close()
+                self.assertEqual(response.status, 415, reply)
+                self.assertEqual(reply["error"]["code"], "unsupported_media_type")
+        headers = {"Content-Type": "application/json; charset=utf-8"}
+        response = self.raw("POST", "/v1/completions", body, headers=headers)
+        self.assertEqual(response[0], 200)
+
+    def test_content_length_of_other_digits(self):
+        body = json.dumps({"prompt": "hi"})
+        for length in ("\u00b2", "\u0663", "-1", "1e3", "0x10"):
+            for expect in ({}, {"Expect": "100-continue"}):
+                with self.subTest(length=length, expect=expect):
+                    head = (
+                        "POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                        "Content-Type: application/json\r\n"
+                        f"Content-Length: {length}\r\n"
+                        + "".join(f"{k}: {v}\r\n" for k, v in expect.items())
+                        + "\r\n"
+                    )
+                    with socket.create_connection(
+                        ("127.0.0.1", self.port), timeout=60
+                    ) as s:
+                        s.sendall(head.encode() + body.encode())
+                        reply = s.makefile("rb").read().decode("utf-8", "replace")
+                    self.assertTrue(reply.startswith("HTTP/1.1 400"), reply)
+                    self.assertIn("Content-Length", reply)
 
     def test_bad_chat_messages(self):
         for messages in (
@@ -466,6 +560,16 @@ class TestBadRequests(ServerCase):
         self.assertError(404, self.raw("POST", "/v1/embeddings", {}))
         self.assertError(405, self.raw("GET", "/v1/chat/completions"))
         self.assertError(405, self.raw("DELETE", "/health"))
+        for method in ("DELETE", "PATCH", "OPTIONS", "PUT"):
+            with self.subTest(method=method):
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+                conn.request(method, "/v1/completions")
+                response = conn.getresponse()
+                reply = json.loads(response.read())
+                conn.close()
+                self.assertEqual(response.status, 405)
+                self.assertEqual(response.getheader("Allow"), "POST")
+                self.assertTrue(reply["error"]["message"].startswith(method))
         self.assertError(405, self.raw("BREW", "/v1/models"))
         for garbage in (b"NONSENSE\r\n\r\n", b"GET / HTTP/9\r\n\r\n"):
             with socket.create_connection(("127.0.0.1", self.port), timeout=60) as s:
@@ -748,7 +852,7 @@ class TestPromptCacheReuse(ServerCase):
 
 
 class TestConcurrencyAndDisconnects(ServerCase):
-    def open_stream(self, max_tokens=100000):
+    def open_stream(self, max_tokens=30000):
         """A raw streaming request that would run for a long time; returns the
         socket and its reader after the first two events arrived."""
         body = json.dumps(
@@ -794,6 +898,7 @@ class TestConcurrencyAndDisconnects(ServerCase):
             "POST",
             "/v1/completions",
             body=json.dumps({"prompt": "never", "max_tokens": 2}),
+            headers={"Content-Type": "application/json"},
         )
         wait_for(lambda: self.health()["queued"] == 1, "the request to be queued")
         waiting.close()

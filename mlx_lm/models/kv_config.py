@@ -55,7 +55,9 @@ def _check_int(name, value, low, optional=False):
 
 
 def _check_choice(name, value, choices):
-    if value not in choices:
+    # Of the same type as well as equal: 4.0 is not the integer 4, and an
+    # unhashable value (a list, an object) is no choice either.
+    if not any(type(value) is type(c) and value == c for c in choices):
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
