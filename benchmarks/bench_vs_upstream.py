@@ -44,10 +44,14 @@ if spec.get("dtype"):
 mx.eval(model.parameters())
 weight_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 mx.random.seed(0)
-prompt = mx.random.randint(0, config["vocab_size"], (spec["context"],))
+if spec.get("prompt"):
+    prompt = mx.array(spec["prompt"][: spec["context"]])
+else:
+    prompt = mx.random.randint(0, config["vocab_size"], (spec["context"],))
 cache_opts = dict(spec["cache"])
 kv_bits = cache_opts.pop("kv_bits", None)
 kv_group_size = cache_opts.pop("kv_group_size", 64)
+kv_start = {k: cache_opts.pop(k) for k in ["quantized_kv_start"] if k in cache_opts}
 cache = make_prompt_cache(model, **cache_opts)
 mx.reset_peak_memory()
 times = []
@@ -55,7 +59,8 @@ start = time.perf_counter()
 # No prefill step given: each implementation's own default chunk length.
 chunks = {"prefill_step_size": spec["prefill_step"]} if spec["prefill_step"] else {}
 for _ in generate_step(prompt, model, max_tokens=spec["decode"], prompt_cache=cache,
-                       kv_bits=kv_bits, kv_group_size=kv_group_size, **chunks):
+                       kv_bits=kv_bits, kv_group_size=kv_group_size, **kv_start,
+                       **chunks):
     times.append(time.perf_counter())
     if len(times) == 1:
         prefill_peak = mx.get_peak_memory()
