@@ -20,8 +20,14 @@ DEQUANTIZED_MIN_ROWS = 4
 SLICE_ROWS = 8192
 
 
+def _as(a, dtype):
+    # astype to the dtype an array already has is still a copy in the graph:
+    # skipped, since decode calls this for every layer at every step.
+    return a if a is None or a.dtype == dtype else a.astype(dtype)
+
+
 def _float32(a):
-    return None if a is None else a.astype(mx.float32)
+    return _as(a, mx.float32)
 
 
 def _dequantized_product(layer, x: mx.array) -> mx.array:
@@ -45,7 +51,7 @@ def _dequantized_product(layer, x: mx.array) -> mx.array:
 
 def _float32_product(layer, x: mx.array) -> mx.array:
     """x @ W.T on the CPU, computed in float32 whatever the input's precision."""
-    x32 = x.astype(mx.float32)
+    x32 = _float32(x)
     if x.size // x.shape[-1] >= DEQUANTIZED_MIN_ROWS:
         return _dequantized_product(layer, x32)
     return mx.quantized_matmul(
@@ -71,14 +77,14 @@ class QuantizedLinear(nn.QuantizedLinear):
         out = _float32_product(self, x)
         if "bias" in self:
             out = out + self["bias"]
-        return out.astype(x.dtype)
+        return _as(out, x.dtype)
 
 
 class QuantizedEmbedding(nn.QuantizedEmbedding):
     def as_linear(self, x: mx.array) -> mx.array:
         if not _on_cpu(x):
             return super().as_linear(x)
-        return _float32_product(self, x).astype(x.dtype)
+        return _as(_float32_product(self, x), x.dtype)
 
 
 def add_prefill_path(model: nn.Module) -> nn.Module:
