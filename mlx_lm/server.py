@@ -61,6 +61,9 @@ DEFAULT_PORT = 8080
 DEFAULT_MAX_TOKENS = 512
 DEFAULT_MAX_REQUEST_BYTES = 1 << 20
 DEFAULT_MODEL_ALIAS = "default_model"
+# Host header names answered by default: a DNS-rebinding page reaches a loopback
+# server under its own name, which is not one of these.
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 MAX_TOP_LOGPROBS = 20
 MAX_STOP_SEQUENCES = 16
 # The most tokens one request may ask to generate (``--max-tokens-limit``).
@@ -95,6 +98,7 @@ COMMON_FIELDS = {
     "logit_bias",
     "seed",
     "stop",
+    "cache",
     "n",
     "user",
     "presence_penalty",
@@ -181,6 +185,8 @@ class GenerationRequest:
     top_logprobs: int
     kv_config: KVCacheConfig
     max_prompt_tokens: Optional[int] = None
+    # "fresh": start from an empty cache instead of the previous request's.
+    fresh_cache: bool = False
 
 
 def _is_int(v):
@@ -339,6 +345,12 @@ def _parse_logit_bias(value):
     return bias
 
 
+def _parse_cache(value) -> bool:
+    if value not in (None, "reuse", "fresh"):
+        raise _invalid("cache", f'cache must be "reuse" or "fresh", got {value!r}')
+    return value == "fresh"
+
+
 def request_kv_config(base: KVCacheConfig, body: dict) -> KVCacheConfig:
     """``base`` with the memory options named in ``body`` applied.
 
@@ -470,6 +482,7 @@ def parse_request(body, kind, defaults: ServerDefaults, models) -> GenerationReq
         top_logprobs=top_logprobs,
         kv_config=request_kv_config(defaults.kv_config, body),
         max_prompt_tokens=defaults.max_prompt_tokens,
+        fresh_cache=_parse_cache(body.get("cache")),
     )
 
 
@@ -819,6 +832,8 @@ class GenerationWorker:
         )
 
         previous, self._reusable = self._reusable, None
+        if request.fresh_cache:
+            previous = None
         cache, cached = reuse_cache(previous, request.model_id, kv_config, prompt)
         del previous
         if cache is None:
@@ -1151,6 +1166,21 @@ class APIHandler(BaseHTTPRequestHandler):
                 400, "the request body nests too deeply", code="invalid_json"
             )
 
+    def _check_host(self):
+        host = self.headers.get("Host")
+        allowed = self.server.allowed_hosts
+        if host is None or allowed is None:
+            return
+        name = host.strip().lower()
+        name = name[: name.index("]") + 1] if "]" in name else name.split(":")[0]
+        if name not in allowed:
+            raise APIError(
+                403,
+                f"this server does not answer for Host {host!r}; "
+                "start it with --allowed-hosts to add a name",
+                code="host_not_allowed",
+            )
+
     def _dispatch(self, method):
         self._started = False
         path = self.path.split("?", 1)[0].rstrip("/") or "/"
@@ -1158,6 +1188,7 @@ class APIHandler(BaseHTTPRequestHandler):
             path = "/v1" + path
         name = self.routes.get((method, path))
         try:
+            self._check_host()
             if name is None:
                 allowed = [m for m, p in self.routes if p == path]
                 if allowed:
@@ -1308,8 +1339,15 @@ class APIServer(ThreadingHTTPServer):
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
         log_requests: bool = False,
         prefill_step_size: Optional[int] = None,
+        allowed_hosts=LOOPBACK_HOSTS,
     ):
         super().__init__(address, APIHandler)
+        # Host names answered (lower case, no port); None answers any.
+        self.allowed_hosts = (
+            None
+            if allowed_hosts is None or "*" in allowed_hosts
+            else {h.lower() for h in allowed_hosts}
+        )
         self.models = models
         self.defaults = defaults
         self.max_request_bytes = max_request_bytes
@@ -1372,6 +1410,13 @@ def setup_arg_parser():
     )
     p.add_argument("--port", type=_int_at_least(0, 65535), default=DEFAULT_PORT)
     p.add_argument(
+        "--allowed-hosts",
+        nargs="*",
+        default=[],
+        help="Host header names answered besides the loopback names and --host "
+        "('*': any); other names get 403, which keeps DNS-rebinding pages out",
+    )
+    p.add_argument(
         "--max-tokens",
         type=_int_at_least(1),
         default=DEFAULT_MAX_TOKENS,
@@ -1408,6 +1453,14 @@ def setup_arg_parser():
     return p
 
 
+def allowed_hosts(args: argparse.Namespace) -> List[str]:
+    """The loopback names, the bound address and ``--allowed-hosts``."""
+    names = list(LOOPBACK_HOSTS) + list(args.allowed_hosts)
+    if args.host not in ("0.0.0.0", "::", ""):
+        names.append(f"[{args.host}]" if ":" in args.host else args.host)
+    return list(dict.fromkeys(names))
+
+
 def build_server(args: argparse.Namespace) -> APIServer:
     """Load the model named by ``args`` and bind the server (not yet serving).
 
@@ -1436,6 +1489,7 @@ def build_server(args: argparse.Namespace) -> APIServer:
         args.max_request_bytes,
         log_requests=args.log_requests,
         prefill_step_size=args.prefill_step_size,
+        allowed_hosts=allowed_hosts(args),
     )
 
 

@@ -24,6 +24,7 @@ from mlx_lm.server import (
     ServedModels,
     ServerDefaults,
     StopScanner,
+    allowed_hosts,
     build_server,
     common_prefix_length,
     encode_prompt,
@@ -501,7 +502,7 @@ class TestBadRequests(ServerCase):
             for expect in ({}, {"Expect": "100-continue"}):
                 with self.subTest(length=length, expect=expect):
                     head = (
-                        "POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                        "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                         "Content-Type: application/json\r\n"
                         f"Content-Length: {length}\r\n"
                         + "".join(f"{k}: {v}\r\n" for k, v in expect.items())
@@ -514,6 +515,29 @@ class TestBadRequests(ServerCase):
                         reply = s.makefile("rb").read().decode("utf-8", "replace")
                     self.assertTrue(reply.startswith("HTTP/1.1 400"), reply)
                     self.assertIn("Content-Length", reply)
+
+    def test_host_names_outside_the_allow_list(self):
+        # A DNS-rebinding page sends its own name; loopback names pass.
+        for host, status in (
+            ("evil.example", 403),
+            ("evil.example:%d" % self.port, 403),
+            ("127.0.0.1.evil.example", 403),
+            ("localhost:%d" % self.port, 200),
+            ("LOCALHOST", 200),
+            ("127.0.0.1", 200),
+            ("[::1]:%d" % self.port, 200),
+        ):
+            with self.subTest(host=host):
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+                conn.putrequest("GET", "/v1/models", skip_host=True)
+                conn.putheader("Host", host)
+                conn.endheaders()
+                response = conn.getresponse()
+                reply = json.loads(response.read())
+                conn.close()
+                self.assertEqual(response.status, status, reply)
+                if status == 403:
+                    self.assertEqual(reply["error"]["code"], "host_not_allowed")
 
     def test_bad_chat_messages(self):
         for messages in (
@@ -814,6 +838,15 @@ class TestPromptCacheReuse(ServerCase):
         self.assertEqual(r2.usage.prompt_tokens_details.cached_tokens, 89)
         self.assertEqual(r1.choices[0].text, r2.choices[0].text)
 
+    def test_fresh_cache_on_request(self):
+        ids = text_ids(LONG_TEXT)[:90]
+        r1 = self.complete(ids)
+        r2 = self.complete(ids, cache="fresh")
+        self.assertEqual(r2.usage.prompt_tokens_details.cached_tokens, 0)
+        self.assertEqual(r1.choices[0].text, r2.choices[0].text)
+        with self.assertRaises(openai.BadRequestError):
+            self.complete(ids, cache="sometimes")
+
     def test_other_cache_options_start_fresh(self):
         ids = text_ids(LONG_TEXT)[:90]
         self.complete(ids)
@@ -865,7 +898,7 @@ class TestConcurrencyAndDisconnects(ServerCase):
         ).encode()
         s = socket.create_connection(("127.0.0.1", self.port), timeout=60)
         s.sendall(
-            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+            b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
             b"application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body
         )
         reader = s.makefile("rb")
@@ -1114,6 +1147,18 @@ class TestCommandLine(unittest.TestCase):
         args = setup_arg_parser().parse_args([])
         self.assertEqual(args.host, "127.0.0.1")
         self.assertEqual(args.max_request_bytes, 1 << 20)
+        self.assertEqual(allowed_hosts(args), ["localhost", "127.0.0.1", "[::1]"])
+
+    def test_allowed_hosts_flag(self):
+        args = setup_arg_parser().parse_args(
+            ["--host", "0.0.0.0", "--allowed-hosts", "box.lan", "10.0.0.5"]
+        )
+        names = allowed_hosts(args)
+        self.assertIn("box.lan", names)
+        self.assertIn("10.0.0.5", names)
+        self.assertNotIn("0.0.0.0", names)
+        args = setup_arg_parser().parse_args(["--host", "::1"])
+        self.assertIn("[::1]", allowed_hosts(args))
 
 
 if __name__ == "__main__":
