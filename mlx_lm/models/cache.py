@@ -71,14 +71,14 @@ def _round_up(n: int, multiple: int) -> int:
 
 
 def _grown_capacity(capacity: int, needed: int, step: int) -> int:
-    """Slots for at least ``needed``: whole ``step`` s while small, then an
-    eighth more than ``capacity``, rounded to a grain of at most 1/64 of it
-    (so the buffer is at most 1.125 * 65 / 64 of the slots it holds)."""
+    """Slots for at least ``needed``: whole steps while small, then an eighth
+    more than ``capacity``, rounded to a grain of at most 1/64 of it (so the
+    buffer is at most 1.125 * 65 / 64 of the slots it holds)."""
     grown = max(needed, capacity + capacity // 8)
     if grown <= 4 * step:
         return _round_up(grown, step)
-    grain = 1 << ((grown // 64).bit_length() - 1)
-    return _round_up(grown, max(16, min(step, grain)))
+    grain = 1 << max(0, (grown // 64).bit_length() - 1)
+    return _round_up(grown, min(step, max(16, grain)))
 
 
 def _reserve(old, like, start: int, stop: int, capacity: int):
