@@ -1264,12 +1264,18 @@ class APIHandler(BaseHTTPRequestHandler):
             raise
 
     def _next_event(self, job):
+        # The peer is checked at every event as well as every poll: a busy
+        # generation sends events faster than the poll, and a non-streaming
+        # reply writes nothing that would notice a closed socket until the end.
         while True:
             try:
-                return job.events.get(timeout=self.poll_seconds)
+                event = job.events.get(timeout=self.poll_seconds)
             except queue.Empty:
-                if self._peer_closed():
-                    raise _ClientGone()
+                event = None
+            if self._peer_closed():
+                raise _ClientGone()
+            if event is not None:
+                return event
 
     def _collect(self, job):
         reply = _Reply(job.request)

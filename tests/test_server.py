@@ -922,6 +922,32 @@ class TestConcurrencyAndDisconnects(ServerCase):
         r = self.client.completions.create(model=MODEL_DIR, prompt="next", max_tokens=3)
         self.assertEqual(r.choices[0].text, reference(text_ids("next"), 3)[0])
 
+    def test_disconnect_of_a_busy_non_streaming_request_cancels_it(self):
+        # Tokens come faster than the poll, so only a check at every event
+        # notices the client before the whole reply is generated.
+        before = self.health()["requests"]
+        body = json.dumps(
+            {
+                "prompt": "Keep talking",
+                "max_tokens": 30000,
+                "logit_bias": {str(i): -100 for i in TOKENIZER.eos_token_ids},
+            }
+        ).encode()
+        s = socket.create_connection(("127.0.0.1", self.port), timeout=60)
+        s.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
+            b"application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+        )
+        wait_for(lambda: self.health()["queued"] == 0, "the request to start")
+        time.sleep(1.0)
+        s.close()
+        wait_for(
+            lambda: self.health()["requests"]["cancelled"] == before["cancelled"] + 1,
+            "the abandoned request to be cancelled",
+            seconds=30,
+        )
+        self.assertEqual(self.health()["requests"]["completed"], before["completed"])
+
     def test_queued_request_of_gone_client_is_skipped(self):
         before = self.health()["requests"]
         s, reader = self.open_stream()
