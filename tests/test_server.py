@@ -885,14 +885,13 @@ class TestPromptCacheReuse(ServerCase):
 
 
 class TestConcurrencyAndDisconnects(ServerCase):
-    def open_stream(self, max_tokens=30000):
-        """A raw streaming request that would run for a long time; returns the
-        socket and its reader after the first two events arrived."""
+    def send_long_request(self, stream):
+        """A raw request that would generate for minutes; returns its socket."""
         body = json.dumps(
             {
                 "prompt": "Keep talking",
-                "max_tokens": max_tokens,
-                "stream": True,
+                "max_tokens": 30000,
+                "stream": stream,
                 "logit_bias": {str(i): -100 for i in TOKENIZER.eos_token_ids},
             }
         ).encode()
@@ -901,6 +900,12 @@ class TestConcurrencyAndDisconnects(ServerCase):
             b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
             b"application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body
         )
+        return s
+
+    def open_stream(self):
+        """A long streaming request: its socket and reader after the first two
+        events arrived."""
+        s = self.send_long_request(stream=True)
         reader = s.makefile("rb")
         events = 0
         while events < 2:
@@ -926,18 +931,7 @@ class TestConcurrencyAndDisconnects(ServerCase):
         # Tokens come faster than the poll, so only a check at every event
         # notices the client before the whole reply is generated.
         before = self.health()["requests"]
-        body = json.dumps(
-            {
-                "prompt": "Keep talking",
-                "max_tokens": 30000,
-                "logit_bias": {str(i): -100 for i in TOKENIZER.eos_token_ids},
-            }
-        ).encode()
-        s = socket.create_connection(("127.0.0.1", self.port), timeout=60)
-        s.sendall(
-            b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
-            b"application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body
-        )
+        s = self.send_long_request(stream=False)
         wait_for(lambda: self.health()["queued"] == 0, "the request to start")
         time.sleep(1.0)
         s.close()
