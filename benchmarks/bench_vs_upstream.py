@@ -51,7 +51,9 @@ else:
 cache_opts = dict(spec["cache"])
 kv_bits = cache_opts.pop("kv_bits", None)
 kv_group_size = cache_opts.pop("kv_group_size", 64)
-kv_start = {k: cache_opts.pop(k) for k in ["quantized_kv_start"] if k in cache_opts}
+kv_start = {}
+if "quantized_kv_start" in cache_opts:
+    kv_start["quantized_kv_start"] = cache_opts.pop("quantized_kv_start")
 cache = make_prompt_cache(model, **cache_opts)
 mx.reset_peak_memory()
 times = []
