@@ -31,6 +31,7 @@ import uuid
 from dataclasses import dataclass, field, fields, replace
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 import mlx.core as mx
@@ -491,25 +492,52 @@ def parse_request(body, kind, defaults: ServerDefaults, models) -> GenerationReq
 # ---------------------------------------------------------------------------
 
 
+def public_model_id(model: str) -> str:
+    """The id a model is served under: a local folder or file by its own name
+    (the path above it stays private), a hub repo id as it is."""
+    path = Path(model).expanduser()
+    return path.resolve().name if path.exists() else model
+
+
 class ServedModels:
     """The models a server answers for: its own, plus ``allowed`` ones loaded on
     first use (at most one of those is kept in memory at a time).
 
-    A request can only name these ids (or ``"default_model"``); nothing else is ever
+    Each is known by a public id (:func:`public_model_id`, or ``default_name``
+    for the default) and a request may name it by that id, by the argument the
+    server was started with, or as ``"default_model"``. Nothing else is ever
     loaded, so a request cannot make the server read an arbitrary path.
     """
 
-    def __init__(self, default_id: str, allowed: List[str], loader: Callable):
-        self.default_id = default_id
-        self.ids = [default_id] + [m for m in dict.fromkeys(allowed) if m != default_id]
+    def __init__(
+        self,
+        default: str,
+        allowed: List[str],
+        loader: Callable,
+        default_name: Optional[str] = None,
+    ):
+        self._sources = {}  # public id -> what the loader is given
+        self._aliases = {}  # any accepted name -> public id
+        for i, source in enumerate(dict.fromkeys([default, *allowed])):
+            name = default_name if i == 0 and default_name else public_model_id(source)
+            if name in self._sources:
+                raise ValueError(
+                    f"two served models would have the id {name!r}; give the "
+                    "default one another with --served-model-name, or rename a folder"
+                )
+            self._sources[name] = source
+            self._aliases[name] = self._aliases[source] = name
+        self.ids = list(self._sources)
+        self.default_id = self.ids[0]
         self._loader = loader
         self._loaded = {}
 
     def resolve(self, name: Optional[str]) -> str:
+        """The public id a request's ``model`` field names."""
         if name is None or name == DEFAULT_MODEL_ALIAS:
             return self.default_id
-        if name in self.ids:
-            return name
+        if name in self._aliases:
+            return self._aliases[name]
         raise APIError(
             404,
             f"The model {name!r} is not served here; available: {self.ids}",
@@ -518,13 +546,14 @@ class ServedModels:
         )
 
     def get(self, model_id: str):
-        """``(model, tokenizer)``, loading it if needed (worker thread only)."""
+        """``(model, tokenizer)`` of a public id, loading it if needed (worker
+        thread only)."""
         if model_id not in self._loaded:
             for other in list(self._loaded):
                 if other != self.default_id:
                     del self._loaded[other]
             mx.clear_cache()
-            self._loaded[model_id] = self._loader(model_id)
+            self._loaded[model_id] = self._loader(self._sources[model_id])
         return self._loaded[model_id]
 
 
@@ -794,9 +823,10 @@ class GenerationWorker:
             job.emit("error", e)
         except ValueError as e:
             job.emit("error", APIError(400, str(e)))
-        except Exception as e:
+        except Exception:
+            # The details (paths, internals) go to the log, not to the client.
             traceback.print_exc(file=sys.stderr)
-            job.emit("error", APIError(500, f"generation failed: {e}"))
+            job.emit("error", APIError(500, "generation failed"))
         return "failed"
 
     def _run(self, job: Job):
@@ -1410,6 +1440,12 @@ def setup_arg_parser():
         help="Further models a request may name; each is loaded on first use",
     )
     p.add_argument(
+        "--served-model-name",
+        default=None,
+        help="The id clients see and send for --model (default: the folder's or "
+        "file's own name, or the hub repo id)",
+    )
+    p.add_argument(
         "--host",
         default=DEFAULT_HOST,
         help="Address to bind (default: loopback only)",
@@ -1475,9 +1511,13 @@ def build_server(args: argparse.Namespace) -> APIServer:
     from .utils import load, resolve_model_argument
 
     kv_config = kv_config_from_args(args)
-    model_id = resolve_model_argument(args.model)
-    models = ServedModels(model_id, args.allowed_models, load)
-    models.get(model_id)
+    models = ServedModels(
+        resolve_model_argument(args.model),
+        args.allowed_models,
+        load,
+        default_name=args.served_model_name,
+    )
+    models.get(models.default_id)
     defaults = ServerDefaults(
         max_tokens=args.max_tokens,
         max_tokens_limit=args.max_tokens_limit,
@@ -1517,7 +1557,10 @@ def main(argv=None):
             "it has no authentication.",
             file=sys.stderr,
         )
-    server = build_server(args)
+    try:
+        server = build_server(args)
+    except ValueError as e:
+        parser.error(str(e))
     host, port = server.server_address[:2]
     print(
         f"Serving {server.models.default_id} on http://{host}:{port}/v1 "

@@ -21,6 +21,7 @@ from mlx_lm.generate import generate_step
 from mlx_lm.models import cache as kv
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.server import (
+    APIError,
     ServedModels,
     ServerDefaults,
     StopScanner,
@@ -158,10 +159,24 @@ class ServerCase(unittest.TestCase):
 
 class TestEndpoints(ServerCase):
     def test_models_and_health(self):
-        self.assertEqual([m.id for m in self.client.models.list().data], [MODEL_DIR])
+        # A local model is served by its folder's name: the path stays private.
+        self.assertEqual([m.id for m in self.client.models.list().data], ["tiny"])
         health = self.health()
         self.assertEqual(health["status"], "ok")
-        self.assertEqual(health["model"], MODEL_DIR)
+        self.assertEqual(health["model"], "tiny")
+        replies = [
+            self.raw("GET", "/v1/models"),
+            self.raw("GET", "/health"),
+            self.raw("POST", "/v1/completions", {"model": "nope", "prompt": "hi"}),
+            self.raw("POST", "/v1/completions", {"prompt": "hi", "max_tokens": 2}),
+        ]
+        for status, body in replies:
+            self.assertNotIn(TMP.name, json.dumps(body), status)
+
+    def test_model_named_by_id_or_by_its_argument(self):
+        for name in ("tiny", MODEL_DIR, "default_model"):
+            r = self.client.completions.create(model=name, prompt="hi", max_tokens=2)
+            self.assertEqual(r.model, "tiny")
 
     def test_chat_matches_in_process_generation(self):
         messages = [{"role": "user", "content": "Tell me about the weather."}]
@@ -203,7 +218,7 @@ class TestEndpoints(ServerCase):
         expected, _ = reference(text_ids(prompt), 8)
         self.assertEqual(r.choices[0].text, expected)
         self.assertEqual(r.object, "text_completion")
-        self.assertEqual(r.model, MODEL_DIR)
+        self.assertEqual(r.model, "tiny")
         self.assertEqual(r.usage.prompt_tokens, len(text_ids(prompt)))
 
     def test_completion_from_token_ids(self):
@@ -1012,9 +1027,9 @@ class TestAllowedModels(unittest.TestCase):
 
     def test_listed_models_are_served_and_nothing_else(self):
         ids = [m.id for m in self.client.models.list().data]
-        self.assertEqual(ids, [MODEL_DIR, self.other_dir])
+        self.assertEqual(ids, ["tiny", "other"])
         ids = text_ids("Which model?")
-        for name, model in ((self.other_dir, self.other), (MODEL_DIR, MODEL)):
+        for name, model in (("other", self.other), ("tiny", MODEL)):
             r = self.client.completions.create(model=name, prompt=ids, max_tokens=6)
             self.assertEqual(r.model, name)
             expected = "".join(
@@ -1136,6 +1151,24 @@ class TestPromptBuilding(unittest.TestCase):
         self.assertEqual(request.max_tokens, ServerDefaults().max_tokens)
         self.assertEqual(request.kv_config.window_size, 64)
         self.assertFalse(request.logprobs)
+
+
+class TestModelIds(unittest.TestCase):
+    def test_ids_are_names_and_must_differ(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            a, b = Path(tmp, "a", "m"), Path(tmp, "b", "m")
+            a.mkdir(parents=True)
+            b.mkdir(parents=True)
+            models = ServedModels(str(a), ["org/repo"], loader=None)
+            self.assertEqual(models.ids, ["m", "org/repo"])
+            self.assertEqual(models.resolve(str(a)), "m")
+            with self.assertRaisesRegex(ValueError, "'m'"):
+                ServedModels(str(a), [str(b)], loader=None)
+            models = ServedModels(str(a), [str(b)], loader=None, default_name="mine")
+            self.assertEqual(models.ids, ["mine", "m"])
+            self.assertEqual(models.resolve(str(b)), "m")
+            with self.assertRaises(APIError):
+                models.resolve(str(Path(tmp, "a")))
 
 
 class TestCommandLine(unittest.TestCase):
