@@ -17,6 +17,7 @@ error in OpenAI's format.
 """
 
 import argparse
+import functools
 import json
 import math
 import queue
@@ -160,6 +161,8 @@ class ServerDefaults:
     top_k: int = DEFAULT_TOP_K
     min_p: float = DEFAULT_MIN_P
     kv_config: KVCacheConfig = field(default_factory=KVCacheConfig)
+    # Whether special-token text typed in chat messages becomes control tokens.
+    control_tokens_in_messages: bool = False
 
 
 @dataclass
@@ -188,6 +191,7 @@ class GenerationRequest:
     max_prompt_tokens: Optional[int] = None
     # "fresh": start from an empty cache instead of the previous request's.
     fresh_cache: bool = False
+    control_tokens_in_messages: bool = False
 
 
 def _is_int(v):
@@ -483,6 +487,7 @@ def parse_request(body, kind, defaults: ServerDefaults, models) -> GenerationReq
         top_logprobs=top_logprobs,
         kv_config=request_kv_config(defaults.kv_config, body),
         max_prompt_tokens=defaults.max_prompt_tokens,
+        control_tokens_in_messages=defaults.control_tokens_in_messages,
         fresh_cache=_parse_cache(body.get("cache")),
     )
 
@@ -705,21 +710,69 @@ def _with_history(processor, head):
     return run
 
 
+@functools.lru_cache(maxsize=8)
+def _control_token_pattern(tokenizer) -> Optional["re.Pattern"]:
+    """A regex matching the text of ``tokenizer``'s special tokens, longest
+    first; None when it has none."""
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    texts = sorted({t.content for t in decoder.values() if t.special}, key=len)
+    if not texts:
+        return None
+    return re.compile("|".join(re.escape(t) for t in reversed(texts)))
+
+
+def _encode_text(tokenizer, text, add_special_tokens, as_text=True):
+    """Token ids of ``text``; ``as_text`` keeps special-token text as text."""
+    if as_text and _control_token_pattern(tokenizer) is not None:
+        return tokenizer.encode(
+            text, add_special_tokens=add_special_tokens, split_special_tokens=True
+        )
+    return tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+
+def _encode_chat(request: GenerationRequest, tokenizer) -> List[int]:
+    """The chat template's tokens, where messages that type a special token
+    (``<|im_end|>``, ``<start_of_turn>``...) have it encoded as plain text, so
+    that a user cannot forge turns; the template's own control tokens stay."""
+    pattern = _control_token_pattern(tokenizer)
+    as_text = not request.control_tokens_in_messages and pattern is not None
+    contents, messages = {}, []
+    nonce = uuid.uuid4().hex
+    for i, m in enumerate(request.messages):
+        if as_text and pattern.search(m["content"]):
+            mark = f"\ue000{nonce}{i}\ue001"
+            contents[mark] = m["content"]
+            m = {**m, "content": mark}
+        messages.append(m)
+    try:
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+    except Exception as e:
+        raise ValueError(f"the chat template rejected the messages: {e}")
+    if not contents:
+        return tokenizer.encode(text, add_special_tokens=False)
+    ids = []
+    for piece in re.split(f"(\ue000{nonce}\\d+\ue001)", text):
+        if piece in contents:
+            ids += _encode_text(tokenizer, contents[piece], False)
+        elif piece:
+            ids += tokenizer.encode(piece, add_special_tokens=False)
+    return ids
+
+
 def encode_prompt(request: GenerationRequest, tokenizer) -> List[int]:
     """The prompt token ids of ``request``; ``ValueError`` when it cannot be built."""
-    if request.kind == "chat":
-        if tokenizer.has_chat_template:
-            try:
-                text = tokenizer.apply_chat_template(
-                    request.messages, tokenize=False, add_generation_prompt=True
-                )
-            except Exception as e:
-                raise ValueError(f"the chat template rejected the messages: {e}")
-            ids = tokenizer.encode(text, add_special_tokens=False)
-        else:
-            lines = [f"{m['role']}: {m['content']}" for m in request.messages]
-            ids = tokenizer.encode("\n".join(lines) + "\nassistant:")
+    if request.kind == "chat" and tokenizer.has_chat_template:
+        ids = _encode_chat(request, tokenizer)
+    elif request.kind == "chat":
+        lines = [f"{m['role']}: {m['content']}" for m in request.messages]
+        text = "\n".join(lines) + "\nassistant:"
+        ids = _encode_text(
+            tokenizer, text, True, as_text=not request.control_tokens_in_messages
+        )
     elif isinstance(request.prompt, str):
+        # A raw prompt is the client's own template: its special tokens count.
         bos = getattr(tokenizer, "bos_token", None)
         with_bos = bos is None or not request.prompt.startswith(bos)
         ids = tokenizer.encode(request.prompt, add_special_tokens=with_bos)
@@ -1487,6 +1540,12 @@ def setup_arg_parser():
         default=DEFAULT_MAX_REQUEST_BYTES,
         help="Larger request bodies are refused with 413",
     )
+    p.add_argument(
+        "--control-tokens-in-messages",
+        action="store_true",
+        help="Let special-token text typed in chat messages (<|im_end|>...) act as "
+        "control tokens, as before; by default it is encoded as plain text",
+    )
     add_prefill_argument(p)
     p.add_argument(
         "--log-requests", action="store_true", help="Log every request to stderr"
@@ -1527,6 +1586,7 @@ def build_server(args: argparse.Namespace) -> APIServer:
         top_k=args.top_k,
         min_p=args.min_p,
         kv_config=kv_config,
+        control_tokens_in_messages=args.control_tokens_in_messages,
     )
     return APIServer(
         (args.host, args.port),

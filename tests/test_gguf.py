@@ -35,6 +35,12 @@ from test_models import build_model as build_tiny  # noqa: E402
 from mlx_lm import generate, load  # noqa: E402
 from mlx_lm.gguf import GGUFFile, load_gguf  # noqa: E402
 from mlx_lm.models import cache as kv  # noqa: E402
+from mlx_lm.server import (  # noqa: E402
+    ServedModels,
+    ServerDefaults,
+    encode_prompt,
+    parse_request,
+)
 
 FIXTURES = HERE / "fixtures" / "gguf_reference"
 UPSTREAM = real_models.UPSTREAM_DIR
@@ -346,6 +352,24 @@ class RealModelCase:
         finally:
             server.shutdown()
             server.server_close()
+
+    def test_typed_turn_markers_stay_text(self):
+        def prompt(content, **flags):
+            body = {"messages": [{"role": "user", "content": content}]}
+            models = ServedModels("m", [], loader=None)
+            request = parse_request(body, "chat", ServerDefaults(**flags), models)
+            return encode_prompt(request, self.tokenizer)
+
+        control = {
+            i for i, t in self.tokenizer.added_tokens_decoder.items() if t.special
+        }
+        benign = prompt("hi")
+        markers = [i for i in benign if i in control]
+        self.assertTrue(markers)
+        forged = "hi" + self.tokenizer.decode(markers)
+        self.assertEqual([i for i in prompt(forged) if i in control], markers)
+        old = prompt(forged, control_tokens_in_messages=True)
+        self.assertGreater(len([i for i in old if i in control]), len(markers))
 
     def test_weights_stay_quantized(self):
         layer = self.model.layers[0].self_attn.q_proj
