@@ -612,10 +612,9 @@ class _Cancelled(Exception):
 class Job:
     """One queued request: the worker reports to ``events``; ``cancel()`` stops it."""
 
-    def __init__(self, request: GenerationRequest, peer_closed=lambda: False):
+    def __init__(self, request: GenerationRequest):
         self.request = request
         self.events = queue.Queue()
-        self.peer_closed = peer_closed
         self._cancelled = threading.Event()
 
     def cancel(self):
@@ -848,7 +847,7 @@ class GenerationWorker:
             job = self._jobs.get()
             if job is None:
                 break
-            if job.cancelled or job.peer_closed():
+            if job.cancelled:
                 self.counts["skipped"] += 1
                 continue
             self._current = job
@@ -863,6 +862,8 @@ class GenerationWorker:
             job = self._jobs.get()
             if job is not None:
                 job.emit("error", APIError(503, "the server is shutting down"))
+        # This thread's streams must go with it, or the process aborts at exit.
+        mx.clear_streams()
 
     def _attempt(self, job: Job) -> str:
         try:
@@ -1122,6 +1123,10 @@ class APIHandler(BaseHTTPRequestHandler):
     # Seconds a silent client may hold its connection (reading or being written to).
     timeout = 120
     poll_seconds = 0.2
+    probe_seconds = 0.25
+    # Errors in the request line are answered with a status line; http.server's
+    # default (HTTP/0.9) would send a bare body.
+    default_request_version = "HTTP/1.0"
 
     routes = {
         ("GET", "/v1/models"): "_models",
@@ -1165,10 +1170,38 @@ class APIHandler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def _peer_closed(self) -> bool:
-        """Whether the client has closed its side of the connection."""
+        """Whether the client has gone away.
+
+        Its end of file alone does not say so: a client may half-close after
+        sending its request and still wait for the reply. After one, the
+        connection is probed with bytes a client ignores (an interim ``100
+        Continue`` before the reply, an event-stream comment within one): a
+        client that is gone answers the first with a reset, so a later one
+        cannot be written. Probes are spaced from 2 ms up to ``probe_seconds``.
+        An HTTP/1.0 client cannot be sent a 1xx, so its end of file counts.
+        """
         try:
-            readable, _, _ = select.select([self.connection], [], [], 0)
-            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+            if not self._probes:
+                readable, _, _ = select.select([self.connection], [], [], 0)
+                if not readable or self.connection.recv(1, socket.MSG_PEEK) != b"":
+                    return False
+            if self._started:
+                probe = b":\n\n"
+            elif self.request_version == "HTTP/1.1":
+                probe = b"HTTP/1.1 100 Continue\r\n\r\n"
+            else:
+                return True
+            gap = min(self.probe_seconds, 0.002 * 2**self._probes)
+            if not self._probes:
+                # A reset from this machine or a near one is back by then.
+                self.connection.sendall(probe)
+                time.sleep(0.002)
+            elif time.monotonic() - self._probed_at < gap:
+                return False
+            self.connection.sendall(probe)
+            self._probes += 1
+            self._probed_at = time.monotonic()
+            return False
         except (OSError, ValueError):
             return True
 
@@ -1264,8 +1297,25 @@ class APIHandler(BaseHTTPRequestHandler):
                 code="host_not_allowed",
             )
 
+    def parse_request(self):
+        if not super().parse_request():
+            return False
+        words = self.requestline.split()
+        major = self.request_version.split("/", 1)[1].split(".")[0]
+        if len(words) != 3 or int(major) < 1:
+            # HTTP/0.9 has no headers to say where a body ends: not served.
+            self.request_version = "HTTP/1.0"
+            self.send_error(
+                HTTPStatus.HTTP_VERSION_NOT_SUPPORTED,
+                f"this server speaks HTTP/1.0 and HTTP/1.1, not {self.requestline!r}",
+            )
+            return False
+        return True
+
     def _dispatch(self, method):
         self._started = False
+        self._probes = 0  # sent since the client's end of file
+        self._probed_at = 0.0
         path = self.path.split("?", 1)[0].rstrip("/") or "/"
         if path in ("/models", "/chat/completions", "/completions"):
             path = "/v1" + path
@@ -1335,7 +1385,7 @@ class APIHandler(BaseHTTPRequestHandler):
     def _complete(self, kind):
         body = self._read_body()
         request = parse_request(body, kind, self.server.defaults, self.server.models)
-        job = Job(request, peer_closed=self._peer_closed)
+        job = Job(request)
         self.server.worker.submit(job)
         try:
             if request.stream:

@@ -617,12 +617,30 @@ class TestBadRequests(ServerCase):
                 self.assertEqual(response.getheader("Allow"), "POST")
                 self.assertTrue(reply["error"]["message"].startswith(method))
         self.assertError(405, self.raw("BREW", "/v1/models"))
-        for garbage in (b"NONSENSE\r\n\r\n", b"GET / HTTP/9\r\n\r\n"):
-            with socket.create_connection(("127.0.0.1", self.port), timeout=60) as s:
-                s.sendall(garbage)
-                reply = s.makefile("rb").read().decode()
-            self.assertIn('"error"', reply)
-            self.assertNotIn("Traceback", reply)
+
+    def test_bad_request_lines_get_a_status_line(self):
+        lines = [
+            b"NONSENSE",
+            b"GET /",
+            b"POST /v1/completions",
+            b"GET / HTTP/0.9",
+            b"GET / HTTP/9",
+            b"GET / HTTP/2.0",
+            b"GET / HTTP/1.x",
+            b"GET / FOO/1.1",
+            b"GET / HTTP/1.1 extra",
+            b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",  # a TLS hello
+        ]
+        for line in lines:
+            with self.subTest(line=line):
+                with socket.create_connection(("127.0.0.1", self.port), 60) as s:
+                    s.sendall(line + b"\r\nHost: localhost\r\n\r\n")
+                    reply = s.makefile("rb").read()
+                head, _, body = reply.partition(b"\r\n\r\n")
+                status = head.split(b"\r\n")[0].split()
+                self.assertTrue(status[0].startswith(b"HTTP/1."), reply)
+                self.assertIn(int(status[1]), (400, 505), reply)
+                self.assertIn("message", json.loads(body)["error"])
 
     def test_model_not_served(self):
         for name in ("/etc", "../tiny", "other-model"):
@@ -964,6 +982,37 @@ class TestConcurrencyAndDisconnects(ServerCase):
         )
         self.assertEqual(self.health()["requests"]["completed"], before["completed"])
 
+    def test_half_closed_client_still_gets_its_answer(self):
+        # A client may shut down its sending side once the body is out; it
+        # still waits for the reply (and may see interim 100 Continue lines).
+        for stream in (False, True):
+            with self.subTest(stream=stream):
+                body = json.dumps(
+                    {"prompt": "half", "max_tokens": 5, "stream": stream}
+                ).encode()
+                with socket.create_connection(("127.0.0.1", self.port), 60) as s:
+                    s.sendall(
+                        b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\n"
+                        b"Content-Type: application/json\r\nContent-Length: %d"
+                        b"\r\n\r\n" % len(body) + body
+                    )
+                    s.shutdown(socket.SHUT_WR)
+                    reply = s.makefile("rb").read().decode()
+                final = reply.split("HTTP/1.1 100 Continue\r\n\r\n")[-1]
+                self.assertTrue(final.startswith("HTTP/1.1 200"), reply[:200])
+                text = reference(text_ids("half"), 5)[0]
+                if stream:
+                    events = [
+                        json.loads(line[6:])
+                        for line in final.split("\n")
+                        if line.startswith("data: {")
+                    ]
+                    got = "".join(e["choices"][0]["text"] for e in events)
+                else:
+                    got = json.loads(final.partition("\r\n\r\n")[2])
+                    got = got["choices"][0]["text"]
+                self.assertEqual(got, text)
+
     def test_queued_request_of_gone_client_is_skipped(self):
         before = self.health()["requests"]
         s, reader = self.open_stream()
@@ -977,6 +1026,8 @@ class TestConcurrencyAndDisconnects(ServerCase):
         )
         wait_for(lambda: self.health()["queued"] == 1, "the request to be queued")
         waiting.close()
+        # The hang-up is noticed within two probes (well under a second).
+        time.sleep(1.0)
         reader.close()
         s.close()
         wait_for(
