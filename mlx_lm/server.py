@@ -23,6 +23,7 @@ import math
 import queue
 import re
 import select
+import signal
 import socket
 import sys
 import threading
@@ -605,6 +606,10 @@ class StopScanner:
         return out
 
 
+def _shutting_down() -> APIError:
+    return APIError(503, "the server is shutting down", code="server_shutting_down")
+
+
 class _Cancelled(Exception):
     pass
 
@@ -819,6 +824,7 @@ class GenerationWorker:
         self.counts = {"completed": 0, "cancelled": 0, "skipped": 0, "failed": 0}
         self._jobs = queue.Queue()
         self._current = None
+        self._stopping = threading.Event()
         self._reusable = None
         self._thread = threading.Thread(
             target=self._loop, name="mlx-generation", daemon=True
@@ -828,17 +834,20 @@ class GenerationWorker:
         self._thread.start()
 
     def submit(self, job: Job):
+        if self._stopping.is_set():
+            raise _shutting_down()
         self._jobs.put(job)
 
     def pending(self) -> int:
         return self._jobs.qsize()
 
+    def busy(self) -> bool:
+        return self._current is not None or not self._jobs.empty()
+
     def stop(self):
         """Cancel the job in progress, fail the queued ones, and end the thread."""
+        self._stopping.set()
         self._jobs.put(None)
-        current = self._current
-        if current is not None:
-            current.cancel()
         if self._thread.is_alive():
             self._thread.join()
 
@@ -847,6 +856,9 @@ class GenerationWorker:
             job = self._jobs.get()
             if job is None:
                 break
+            if self._stopping.is_set():
+                job.emit("error", _shutting_down())
+                continue
             if job.cancelled:
                 self.counts["skipped"] += 1
                 continue
@@ -858,10 +870,6 @@ class GenerationWorker:
                 # Whatever the failed request held is unreachable by now.
                 self._reusable = None
                 mx.clear_cache()
-        while not self._jobs.empty():
-            job = self._jobs.get()
-            if job is not None:
-                job.emit("error", APIError(503, "the server is shutting down"))
         # This thread's streams must go with it, or the process aborts at exit.
         mx.clear_streams()
 
@@ -871,7 +879,7 @@ class GenerationWorker:
             return "completed"
         except _Cancelled:
             # Read only when the server, not the client, stopped the job.
-            job.emit("error", APIError(503, "the request was cancelled"))
+            job.emit("error", _shutting_down())
             return "cancelled"
         except APIError as e:
             job.emit("error", e)
@@ -933,7 +941,7 @@ class GenerationWorker:
         job.emit("start", {"prompt_tokens": len(prompt), "cached_tokens": cached})
 
         def check_cancel(*_):
-            if job.cancelled:
+            if job.cancelled or self._stopping.is_set():
                 raise _Cancelled()
 
         steps = stream_generate(
@@ -1107,6 +1115,10 @@ class _Reply:
 # ---------------------------------------------------------------------------
 
 
+class _Answered(Exception):
+    """The reply is already sent (a CORS preflight)."""
+
+
 class _ClientGone(Exception):
     pass
 
@@ -1141,10 +1153,17 @@ class APIHandler(BaseHTTPRequestHandler):
         if self.server.log_requests:
             super().log_message(format, *args)
 
+    def _send_empty(self, status, headers):
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
     def _send_json(self, status, payload, close=False, headers=None):
         data = json.dumps(payload).encode()
         self.send_response(status)
-        for name, value in (headers or {}).items():
+        for name, value in {**getattr(self, "_cors", {}), **(headers or {})}.items():
             self.send_header(name, value)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -1312,16 +1331,49 @@ class APIHandler(BaseHTTPRequestHandler):
             return False
         return True
 
+    def _check_origin(self, path):
+        """The CORS headers for this request's ``Origin``; a page from an origin
+        not in ``--allow-origin`` is refused (browsers send Origin, other
+        clients do not), so a page cannot even run a generation blind."""
+        origin = self.headers.get("Origin")
+        allowed = self.server.allowed_origins
+        if origin is None:
+            return {}
+        if origin not in allowed and "*" not in allowed:
+            raise APIError(
+                403,
+                f"requests from the web origin {origin!r} are not allowed; start "
+                "the server with --allow-origin to allow them",
+                code="origin_not_allowed",
+            )
+        headers = {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
+        methods = [m for m, p in self.routes if p == path]
+        wanted = self.headers.get("Access-Control-Request-Method")
+        if self.command == "OPTIONS" and wanted is not None and methods:
+            # A preflight: answered here, without reaching a route.
+            asked = self.headers.get("Access-Control-Request-Headers")
+            headers["Access-Control-Allow-Methods"] = ", ".join(methods)
+            headers["Access-Control-Allow-Headers"] = asked or "Content-Type"
+            headers["Access-Control-Max-Age"] = "600"
+            self._send_empty(204, headers)
+            raise _Answered()
+        return headers
+
     def _dispatch(self, method):
         self._started = False
         self._probes = 0  # sent since the client's end of file
         self._probed_at = 0.0
+        self._cors = {}
         path = self.path.split("?", 1)[0].rstrip("/") or "/"
         if path in ("/models", "/chat/completions", "/completions"):
             path = "/v1" + path
         name = self.routes.get((method, path))
+        self.server.in_flight.add(1)
         try:
             self._check_host()
+            self._cors = self._check_origin(path)
+            if self.server.draining:
+                raise _shutting_down()
             if name is None:
                 allowed = [m for m, p in self.routes if p == path]
                 if allowed:
@@ -1334,11 +1386,15 @@ class APIHandler(BaseHTTPRequestHandler):
             getattr(self, name)()
         except APIError as e:
             self._fail(e)
+        except _Answered:
+            pass
         except (_ClientGone, ConnectionError, TimeoutError):
             self.close_connection = True
         except Exception:
             traceback.print_exc(file=sys.stderr)
             self._fail(APIError(500, "internal server error"))
+        finally:
+            self.server.in_flight.add(-1)
 
     def _fail(self, error: APIError):
         # The connection is closed after any error: the body may be unread.
@@ -1437,6 +1493,8 @@ class APIHandler(BaseHTTPRequestHandler):
         if kind == "error":
             raise payload
         self.send_response(200)
+        for name, value in self._cors.items():
+            self.send_header(name, value)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Connection", "close")
@@ -1461,6 +1519,18 @@ class APIHandler(BaseHTTPRequestHandler):
                 return
 
 
+class _Counter:
+    """A count shared by threads."""
+
+    def __init__(self):
+        self.value = 0
+        self._lock = threading.Lock()
+
+    def add(self, n: int):
+        with self._lock:
+            self.value += n
+
+
 class APIServer(ThreadingHTTPServer):
     """The HTTP server plus the worker that generates for it.
 
@@ -1479,8 +1549,13 @@ class APIServer(ThreadingHTTPServer):
         log_requests: bool = False,
         prefill_step_size: Optional[int] = None,
         allowed_hosts=LOOPBACK_HOSTS,
+        allowed_origins=(),
     ):
         super().__init__(address, APIHandler)
+        # Web origins whose pages may call the server ("*": any).
+        self.allowed_origins = set(allowed_origins)
+        self.in_flight = _Counter()  # requests being handled
+        self.draining = False
         # Host names answered (lower case, no port); None answers any.
         self.allowed_hosts = (
             None
@@ -1498,6 +1573,21 @@ class APIServer(ThreadingHTTPServer):
     def close(self):
         self.server_close()
         self.worker.stop()
+
+    def drain(self, timeout: float):
+        """A graceful stop, once ``serve_forever`` has returned: accept no more
+        connections, answer 503 to new requests on open ones, give the requests
+        in flight ``timeout`` seconds to finish, then cancel the rest (503) and
+        let their replies go out (two seconds at most)."""
+        self.draining = True
+        self.server_close()
+        deadline = time.monotonic() + timeout
+        while self.worker.busy() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self.worker.stop()
+        deadline = time.monotonic() + 2
+        while self.in_flight.value and time.monotonic() < deadline:
+            time.sleep(0.02)
 
 
 # ---------------------------------------------------------------------------
@@ -1560,6 +1650,20 @@ def setup_arg_parser():
         default=[],
         help="Host header names answered besides the loopback names and --host "
         "('*': any); other names get 403, which keeps DNS-rebinding pages out",
+    )
+    p.add_argument(
+        "--allow-origin",
+        nargs="*",
+        default=[],
+        help="Web origins (scheme://host:port) whose pages may call the server, "
+        "with CORS headers ('*': any); requests from other pages get 403",
+    )
+    p.add_argument(
+        "--shutdown-timeout",
+        type=_float_within(0.0),
+        default=5.0,
+        help="On SIGTERM or Ctrl-C, seconds the requests in flight get to "
+        "finish before they are cancelled",
     )
     p.add_argument(
         "--max-tokens",
@@ -1646,6 +1750,7 @@ def build_server(args: argparse.Namespace) -> APIServer:
         log_requests=args.log_requests,
         prefill_step_size=args.prefill_step_size,
         allowed_hosts=allowed_hosts(args),
+        allowed_origins=args.allow_origin,
     )
 
 
@@ -1674,15 +1779,22 @@ def main(argv=None):
     host, port = server.server_address[:2]
     print(
         f"Serving {server.models.default_id} on http://{host}:{port}/v1 "
-        "(one generation at a time; Ctrl-C to stop)",
+        "(one generation at a time; Ctrl-C or SIGTERM to stop)",
         file=sys.stderr,
+        flush=True,
     )
+
+    def on_sigterm(*_):
+        # shutdown() waits for serve_forever(), which runs on this thread.
+        threading.Thread(target=server.shutdown).start()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
-    finally:
-        server.close()
+    print("Stopping: finishing the requests in flight", file=sys.stderr, flush=True)
+    server.drain(args.shutdown_timeout)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 
 import http.client
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -1247,6 +1248,143 @@ class TestModelIds(unittest.TestCase):
             self.assertEqual(models.resolve(str(b)), "m")
             with self.assertRaises(APIError):
                 models.resolve(str(Path(tmp, "a")))
+
+
+class TestCrossOrigin(ServerCase):
+    flags = ("--allow-origin", "http://app.example:3000")
+
+    def call(self, method, path, headers, body=None):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        conn.request(method, path, body=body, headers=headers)
+        response = conn.getresponse()
+        data = response.read()
+        conn.close()
+        return response.status, response.headers, data
+
+    def test_listed_origin_gets_cors_headers(self):
+        page = {"Origin": "http://app.example:3000"}
+        preflight = {
+            **page,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type, authorization",
+        }
+        status, headers, _ = self.call("OPTIONS", "/v1/chat/completions", preflight)
+        self.assertEqual(status, 204)
+        self.assertEqual(headers["Access-Control-Allow-Origin"], page["Origin"])
+        self.assertEqual(headers["Access-Control-Allow-Methods"], "POST")
+        self.assertIn("authorization", headers["Access-Control-Allow-Headers"])
+        body = json.dumps({"prompt": "hi", "max_tokens": 2})
+        for stream in (False, True):
+            data = json.dumps({"prompt": "hi", "max_tokens": 2, "stream": stream})
+            status, headers, _ = self.call(
+                "POST",
+                "/v1/completions",
+                {**page, "Content-Type": "application/json"},
+                data,
+            )
+            self.assertEqual(status, 200)
+            self.assertEqual(headers["Access-Control-Allow-Origin"], page["Origin"])
+            self.assertEqual(headers["Vary"], "Origin")
+        # Errors carry them too, so that the page can read what went wrong.
+        status, headers, _ = self.call("POST", "/v1/completions", page, body)
+        self.assertEqual(status, 415)
+        self.assertEqual(headers["Access-Control-Allow-Origin"], page["Origin"])
+
+    def test_other_pages_are_refused(self):
+        for origin in ("http://evil.example", "null", "http://app.example:3001"):
+            with self.subTest(origin=origin):
+                for method, path, extra in (
+                    (
+                        "OPTIONS",
+                        "/v1/completions",
+                        {"Access-Control-Request-Method": "POST"},
+                    ),
+                    ("GET", "/v1/models", {}),
+                    ("POST", "/v1/completions", {"Content-Type": "text/plain"}),
+                ):
+                    status, headers, data = self.call(
+                        method, path, {"Origin": origin, **extra}, "{}"
+                    )
+                    self.assertEqual(status, 403)
+                    self.assertNotIn("Access-Control-Allow-Origin", headers)
+                    self.assertEqual(
+                        json.loads(data)["error"]["code"], "origin_not_allowed"
+                    )
+        # Clients that are not browsers send no Origin and are served as before.
+        status, headers, _ = self.call("GET", "/v1/models", {})
+        self.assertEqual(status, 200)
+        self.assertNotIn("Access-Control-Allow-Origin", headers)
+
+
+class TestGracefulShutdown(unittest.TestCase):
+    """SIGTERM to a real server process: requests in flight finish (or are
+    cancelled after --shutdown-timeout), nothing new is accepted, exit 0."""
+
+    def start(self, timeout):
+        process = subprocess.Popen(
+            [sys.executable, "-m", "mlx_lm.server", "--model", MODEL_DIR]
+            + ["--port", "0", "--shutdown-timeout", str(timeout)],
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=Path(__file__).resolve().parents[1],
+        )
+        self.addCleanup(process.stderr.close)
+        self.addCleanup(process.kill)
+        for line in process.stderr:
+            if line.startswith("Serving"):
+                port = int(line.split("http://127.0.0.1:")[1].split("/")[0])
+                return process, port
+        self.fail("the server did not start")
+
+    def in_flight(self, port, max_tokens):
+        """Starts a request in a thread; returns (thread, result dict)."""
+        result = {}
+        body = json.dumps(
+            {
+                "prompt": "Keep talking",
+                "max_tokens": max_tokens,
+                "logit_bias": {str(i): -100 for i in TOKENIZER.eos_token_ids},
+            }
+        )
+
+        def send():
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            conn.request(
+                "POST", "/v1/completions", body, {"Content-Type": "application/json"}
+            )
+            response = conn.getresponse()
+            result["status"] = response.status
+            result["body"] = json.loads(response.read())
+            conn.close()
+
+        thread = threading.Thread(target=send)
+        thread.start()
+        time.sleep(0.5)
+        return thread, result
+
+    def stop(self, process, port, thread):
+        self.assertTrue(thread.is_alive(), "the request ended before the signal")
+        process.send_signal(signal.SIGTERM)
+        thread.join(60)
+        with self.assertRaises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5)
+        self.assertEqual(process.wait(30), 0)
+
+    def test_request_in_flight_finishes(self):
+        process, port = self.start(timeout=30)
+        thread, result = self.in_flight(port, max_tokens=1000)
+        self.stop(process, port, thread)
+        self.assertEqual(result["status"], 200)
+        self.assertEqual(result["body"]["usage"]["completion_tokens"], 1000)
+
+    def test_long_request_is_cancelled_after_the_timeout(self):
+        process, port = self.start(timeout=1)
+        thread, result = self.in_flight(port, max_tokens=30000)
+        began = time.monotonic()
+        self.stop(process, port, thread)
+        self.assertLess(time.monotonic() - began, 10)
+        self.assertEqual(result["status"], 503)
+        self.assertEqual(result["body"]["error"]["code"], "server_shutting_down")
 
 
 class TestCommandLine(unittest.TestCase):
