@@ -1179,9 +1179,12 @@ class APIHandler(BaseHTTPRequestHandler):
 
     def send_error(self, code, message=None, explain=None):
         # http.server's own refusals (bad request line, oversized headers, unknown
-        # method) get the same JSON body as ours; an unknown method is a 405.
+        # method) get the same JSON body as ours. An unknown method is a 405 and
+        # an HTTP version other than 1.x a 400: a client's mistake, not a 5xx.
         if code == HTTPStatus.NOT_IMPLEMENTED:
             code, message = HTTPStatus.METHOD_NOT_ALLOWED, None
+        elif code == HTTPStatus.HTTP_VERSION_NOT_SUPPORTED:
+            code = HTTPStatus.BAD_REQUEST
         try:
             error = APIError(code, message or HTTPStatus(code).phrase)
             self._send_api_error(error, close=True)
@@ -1325,7 +1328,7 @@ class APIHandler(BaseHTTPRequestHandler):
             # HTTP/0.9 has no headers to say where a body ends: not served.
             self.request_version = "HTTP/1.0"
             self.send_error(
-                HTTPStatus.HTTP_VERSION_NOT_SUPPORTED,
+                HTTPStatus.BAD_REQUEST,
                 f"this server speaks HTTP/1.0 and HTTP/1.1, not {self.requestline!r}",
             )
             return False
