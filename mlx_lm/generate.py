@@ -3,6 +3,7 @@
 
 import argparse
 import json
+import math
 import re
 import sys
 import time
@@ -20,7 +21,7 @@ from .models.cache_hook import (
     maybe_compact_kv_cache,
     maybe_quantize_kv_cache,
 )
-from .sample_utils import make_logits_processors, make_sampler
+from .sample_utils import make_logits_processors, make_sampler, xtc_special_tokens
 from .tokenizer_utils import TokenizerWrapper
 
 DEFAULT_PROMPT = "def fibonacci(n):"
@@ -727,6 +728,20 @@ def _probability(text):
     return value
 
 
+def _finite_float(text):
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be finite, got {value}")
+    return value
+
+
+def _xtc_threshold(text):
+    value = float(text)
+    if not 0.0 <= value <= 0.5:
+        raise argparse.ArgumentTypeError(f"must be within [0, 0.5], got {value}")
+    return value
+
+
 def _non_negative_float(text):
     value = float(text)
     if value < 0:
@@ -957,6 +972,30 @@ def setup_arg_parser():
     p.add_argument("--min-tokens-to-keep", type=_positive_int, default=1)
     p.add_argument("--repetition-penalty", type=_non_negative_float, default=None)
     p.add_argument("--repetition-context-size", type=_positive_int, default=20)
+    p.add_argument(
+        "--presence-penalty",
+        type=_finite_float,
+        default=None,
+        help="Subtracted from the logit of every token among the last "
+        "--presence-context-size tokens",
+    )
+    p.add_argument("--presence-context-size", type=_positive_int, default=20)
+    p.add_argument(
+        "--frequency-penalty",
+        type=_finite_float,
+        default=None,
+        help="Subtracted once per occurrence among the last "
+        "--frequency-context-size tokens",
+    )
+    p.add_argument("--frequency-context-size", type=_positive_int, default=20)
+    p.add_argument(
+        "--xtc-probability",
+        type=_probability,
+        default=0.0,
+        help="Chance per token of XTC: dropping all but the least likely of the "
+        "tokens above --xtc-threshold",
+    )
+    p.add_argument("--xtc-threshold", type=_xtc_threshold, default=0.1)
     p.add_argument("--seed", type=int, default=DEFAULT_SEED)
     p.add_argument(
         "--ignore-chat-template",
@@ -1116,11 +1155,22 @@ def main(argv=None):
         if prompt_cache is not None:
             prompt_cache = prompt_cache + kv.make_prompt_cache(draft_model)
     sampler = make_sampler(
-        args.temp, args.top_p, args.min_p, args.min_tokens_to_keep, top_k=args.top_k
+        args.temp,
+        args.top_p,
+        args.min_p,
+        args.min_tokens_to_keep,
+        top_k=args.top_k,
+        xtc_probability=args.xtc_probability,
+        xtc_threshold=args.xtc_threshold,
+        xtc_special_tokens=xtc_special_tokens(tokenizer),
     )
     processors = make_logits_processors(
         repetition_penalty=args.repetition_penalty,
         repetition_context_size=args.repetition_context_size,
+        presence_penalty=args.presence_penalty,
+        presence_context_size=args.presence_context_size,
+        frequency_penalty=args.frequency_penalty,
+        frequency_context_size=args.frequency_context_size,
     )
     options = dict(
         max_tokens=args.max_tokens,

@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 import traceback
+import urllib.parse
 import uuid
 from dataclasses import dataclass, field, fields, replace
 from http import HTTPStatus
@@ -57,7 +58,7 @@ from .models.cache import (
     make_prompt_cache,
     trim_prompt_cache,
 )
-from .sample_utils import make_logits_processors, make_sampler
+from .sample_utils import make_logits_processors, make_sampler, xtc_special_tokens
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
@@ -105,7 +106,11 @@ COMMON_FIELDS = {
     "n",
     "user",
     "presence_penalty",
+    "presence_context_size",
     "frequency_penalty",
+    "frequency_context_size",
+    "xtc_probability",
+    "xtc_threshold",
     *KV_OPTIONS,
 }
 CHAT_FIELDS = COMMON_FIELDS | {
@@ -181,6 +186,12 @@ class GenerationRequest:
     min_p: float
     repetition_penalty: Optional[float]
     repetition_context_size: int
+    presence_penalty: float
+    presence_context_size: int
+    frequency_penalty: float
+    frequency_context_size: int
+    xtc_probability: float
+    xtc_threshold: float
     logit_bias: Optional[Dict[int, float]]
     seed: Optional[int]
     stop: List[str]
@@ -439,9 +450,6 @@ def parse_request(body, kind, defaults: ServerDefaults, models) -> GenerationReq
     model_id = models.resolve(f.text("model"))
     if f.integer("n", 1) != 1:
         raise _invalid("n", "only n=1 is supported")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if f.number(name, 0.0) != 0.0:
-            raise _invalid(name, f"{name} is not supported; use repetition_penalty")
     f.text("user")
 
     stream_options = f.mapping("stream_options") or {}
@@ -479,6 +487,13 @@ def parse_request(body, kind, defaults: ServerDefaults, models) -> GenerationReq
         min_p=f.number("min_p", defaults.min_p, low=0, high=1),
         repetition_penalty=f.number("repetition_penalty", None, positive=True),
         repetition_context_size=f.integer("repetition_context_size", 20, low=1),
+        # OpenAI's range for both.
+        presence_penalty=f.number("presence_penalty", 0.0, low=-2, high=2),
+        presence_context_size=f.integer("presence_context_size", 20, low=1),
+        frequency_penalty=f.number("frequency_penalty", 0.0, low=-2, high=2),
+        frequency_context_size=f.integer("frequency_context_size", 20, low=1),
+        xtc_probability=f.number("xtc_probability", 0.0, low=0, high=1),
+        xtc_threshold=f.number("xtc_threshold", 0.1, low=0, high=0.5),
         logit_bias=_parse_logit_bias(f.mapping("logit_bias")),
         seed=f.integer("seed", None, low=0, high=2**64 - 1),
         stop=_parse_stop(body.get("stop")),
@@ -915,12 +930,22 @@ class GenerationWorker:
         if request.logit_bias and max(request.logit_bias) >= len(tokenizer):
             raise APIError(400, "logit_bias names a token outside the vocabulary")
         sampler = make_sampler(
-            request.temperature, request.top_p, request.min_p, top_k=request.top_k
+            request.temperature,
+            request.top_p,
+            request.min_p,
+            top_k=request.top_k,
+            xtc_probability=request.xtc_probability,
+            xtc_threshold=request.xtc_threshold,
+            xtc_special_tokens=xtc_special_tokens(tokenizer),
         )
         processors = make_logits_processors(
             request.logit_bias,
             request.repetition_penalty,
             request.repetition_context_size,
+            request.presence_penalty,
+            request.presence_context_size,
+            request.frequency_penalty,
+            request.frequency_context_size,
         )
 
         previous, self._reusable = self._reusable, None
@@ -932,9 +957,13 @@ class GenerationWorker:
             mx.clear_cache()
             cache = make_prompt_cache(model, config=kv_config)
         if processors and cached:
-            head = mx.array(
-                prompt[max(0, cached - request.repetition_context_size) : cached]
+            # The cached tokens are history the processors would have seen.
+            window = max(
+                request.repetition_context_size,
+                request.presence_context_size,
+                request.frequency_context_size,
             )
+            head = mx.array(prompt[max(0, cached - window) : cached])
             processors = [_with_history(p, head) for p in processors]
         if request.seed is not None:
             mx.random.seed(request.seed)
@@ -1142,6 +1171,7 @@ class APIHandler(BaseHTTPRequestHandler):
 
     routes = {
         ("GET", "/v1/models"): "_models",
+        ("GET", "/v1/models/{id}"): "_model",
         ("GET", "/health"): "_health",
         ("POST", "/v1/chat/completions"): "_chat",
         ("POST", "/v1/completions"): "_text",
@@ -1370,6 +1400,10 @@ class APIHandler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0].rstrip("/") or "/"
         if path in ("/models", "/chat/completions", "/completions"):
             path = "/v1" + path
+        if path.startswith("/v1/models/"):
+            # /v1/models/{id}; ids of hub models have a slash of their own.
+            self._model_id = urllib.parse.unquote(path[len("/v1/models/") :])
+            path = "/v1/models/{id}"
         name = self.routes.get((method, path))
         self.server.in_flight.add(1)
         try:
@@ -1415,13 +1449,29 @@ class APIHandler(BaseHTTPRequestHandler):
 
     # -- endpoints --------------------------------------------------------
 
-    def _models(self):
+    def _model_card(self, model_id):
         created = self.server.created
-        data = [
-            {"id": m, "object": "model", "created": created, "owned_by": "mlx-lm"}
-            for m in self.server.models.ids
-        ]
+        return {
+            "id": model_id,
+            "object": "model",
+            "created": created,
+            "owned_by": "mlx-lm",
+        }
+
+    def _models(self):
+        data = [self._model_card(m) for m in self.server.models.ids]
         self._send_json(200, {"object": "list", "data": data})
+
+    def _model(self):
+        if self._model_id not in self.server.models.ids:
+            raise APIError(
+                404,
+                f"The model {self._model_id!r} is not served here; "
+                f"available: {self.server.models.ids}",
+                param="model",
+                code="model_not_found",
+            )
+        self._send_json(200, self._model_card(self._model_id))
 
     def _health(self):
         worker = self.server.worker

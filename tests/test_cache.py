@@ -15,6 +15,7 @@ from mlx_lm.models.cache import (
     QuantizedKVCache,
     RotatingKVCache,
     can_trim_prompt_cache,
+    create_attention_mask,
     load_prompt_cache,
     make_prompt_cache,
     save_prompt_cache,
@@ -33,6 +34,22 @@ def tokens(start, count, dim=HEAD_DIM, batch=1):
 def positions(keys):
     """Token positions carried by keys built with ``tokens``."""
     return keys[0, 0, :, 0].astype(mx.int32).tolist()
+
+
+class TestCacheSideMask(unittest.TestCase):
+    """``create_attention_mask(N, offset, ...)``, the name clients import from
+    this module for their own caches' ``make_mask``."""
+
+    def test_kinds(self):
+        self.assertIsNone(create_attention_mask(1, 5))
+        self.assertEqual(create_attention_mask(3, 5), "causal")
+        mask = create_attention_mask(3, 5, return_array=True)
+        self.assertEqual(mask.shape, (3, 8))
+        self.assertEqual(mask[0].tolist(), [True] * 6 + [False] * 2)
+        # A window that hides old positions always gives an array.
+        windowed = create_attention_mask(1, 5, window_size=4)
+        self.assertEqual(windowed.tolist(), [[False, False] + [True] * 4])
+        self.assertEqual(create_attention_mask(2, 1, window_size=4), "causal")
 
 
 class GrowthChecks:

@@ -489,6 +489,10 @@ class TestCLI(unittest.TestCase):
             ["--chat-template-config", "{not json"],
             ["--prompt-cache-file", "/nonexistent/cache.safetensors"],
             ["--num-draft-tokens", "0"],
+            ["--xtc-probability", "2"],
+            ["--xtc-threshold", "0.9"],
+            ["--presence-penalty", "inf"],
+            ["--frequency-context-size", "0"],
         ]
         for flags in bad:
             err = io.StringIO()

@@ -7,8 +7,11 @@ from mlx_lm.sample_utils import (
     apply_min_p,
     apply_top_k,
     apply_top_p,
+    apply_xtc,
     categorical_sampling,
+    make_frequency_penalty,
     make_logits_processors,
+    make_presence_penalty,
     make_repetition_penalty,
     make_sampler,
 )
@@ -79,6 +82,43 @@ class TestFilters(unittest.TestCase):
         for masked in (apply_top_k(lp, 2), apply_top_p(lp, 0.6), apply_min_p(lp, 0.35)):
             self.assertEqual(masked.dtype, mx.bfloat16)
             self.assertEqual(kept(masked), [[0, 1], [3, 4]])
+
+
+class TestXTC(unittest.TestCase):
+    def test_drops_all_but_the_weakest_likely_token(self):
+        scores = logprobs_of(PROBS)
+        # Above 0.12: 0.5, 0.2 and 0.15; only 0.15 of them stays.
+        self.assertEqual(kept(apply_xtc(scores, 1.0, 0.12)), [[2, 3, 4], [0, 1, 2]])
+        self.assertEqual(kept(apply_xtc(scores, 1.0, 0.3)), [[0, 1, 2, 3, 4]] * 2)
+        self.assertEqual(kept(apply_xtc(scores, 0.0, 0.12)), [[0, 1, 2, 3, 4]] * 2)
+        # Listed tokens are never dropped.
+        masked = apply_xtc(scores, 1.0, 0.12, xtc_special_tokens=[0])
+        self.assertEqual(kept(masked), [[0, 2, 3, 4], [0, 1, 2]])
+        kept_values = mx.where(masked == NEG_INF, 0, masked)
+        self.assertTrue(
+            mx.array_equal(kept_values, mx.where(masked == NEG_INF, 0, scores))
+        )
+
+    def test_applies_with_its_probability_per_row(self):
+        mx.random.seed(4)
+        scores = mx.broadcast_to(logprobs_of(PROBS[:1]), (4000, 5))
+        applied = (apply_xtc(scores, 0.3, 0.12)[:, 0] == NEG_INF).astype(mx.float32)
+        self.assertAlmostEqual(mx.mean(applied).item(), 0.3, delta=0.03)
+
+    def test_sampler_never_draws_a_dropped_token(self):
+        mx.random.seed(0)
+        sample = make_sampler(temp=1.0, xtc_probability=1.0, xtc_threshold=0.12)
+        scores = mx.broadcast_to(logprobs_of(PROBS[:1]), (2000, 5))
+        counts = frequencies(sample(scores), 5)
+        self.assertEqual(counts[:2], [0.0, 0.0])
+        self.assertGreater(counts[2], 0.4)
+
+    def test_validation(self):
+        scores = logprobs_of(PROBS)
+        with self.assertRaisesRegex(ValueError, "0.7"):
+            apply_xtc(scores, 1.0, 0.7)
+        with self.assertRaisesRegex(ValueError, "1.5"):
+            make_sampler(temp=1.0, xtc_probability=1.5)
 
 
 class TestSampler(unittest.TestCase):
@@ -213,6 +253,24 @@ class TestLogitsProcessors(unittest.TestCase):
         per_row = penalty(mx.array([[0, 0], [1, 2]]), logits)
         self.assertEqual(per_row.tolist(), [[1.0, 8.0, -1.0], [4.0, 2.0, -4.0]])
 
+    def test_presence_and_frequency_penalties(self):
+        logits = mx.zeros((1, 5))
+        tokens = mx.array([4, 1, 1, 2, 1])
+        presence = make_presence_penalty(0.5, context_size=4)
+        frequency = make_frequency_penalty(0.5, context_size=4)
+        # The last four tokens: 1 three times, 2 once; 4 is out of the window.
+        self.assertEqual(presence(tokens, logits).tolist(), [[0, -0.5, -0.5, 0, 0]])
+        self.assertEqual(frequency(tokens, logits).tolist(), [[0, -1.5, -0.5, 0, 0]])
+        # A negative penalty rewards repeats; rows may have their own history.
+        rows = mx.array([[0, 0], [3, 2]])
+        out = make_frequency_penalty(-1.0)(rows, mx.zeros((2, 4)))
+        self.assertEqual(out.tolist(), [[2, 0, 0, 0], [0, 0, 1, 1]])
+        empty = mx.array([], dtype=mx.int32)
+        self.assertEqual(presence(empty, logits).tolist(), logits.tolist())
+        processors = make_logits_processors(presence_penalty=0.5, frequency_penalty=1)
+        self.assertEqual(len(processors), 2)
+        self.assertEqual(make_logits_processors(presence_penalty=0), [])
+
     def test_processors_compose_in_order(self):
         processors = make_logits_processors(
             logit_bias={0: 1.0}, repetition_penalty=2.0, repetition_context_size=1
@@ -232,6 +290,10 @@ class TestLogitsProcessors(unittest.TestCase):
             make_repetition_penalty(1.3, context_size=0)
         with self.assertRaisesRegex(ValueError, "'a'"):
             make_logits_processors(logit_bias={"a": 1.0})
+        with self.assertRaisesRegex(ValueError, "nan"):
+            make_logits_processors(presence_penalty=float("nan"))
+        with self.assertRaisesRegex(ValueError, "frequency_context_size"):
+            make_logits_processors(frequency_penalty=1.0, frequency_context_size=0)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,11 @@ from helpers import tiny_model, tiny_tokenizer, write_model_dir
 from mlx_lm import stream_generate
 from mlx_lm.generate import generate_step
 from mlx_lm.models import cache as kv
-from mlx_lm.sample_utils import make_logits_processors, make_sampler
+from mlx_lm.sample_utils import (
+    make_logits_processors,
+    make_sampler,
+    xtc_special_tokens,
+)
 from mlx_lm.server import (
     APIError,
     ServedModels,
@@ -180,6 +184,13 @@ class TestEndpoints(ServerCase):
             model="tiny", messages=messages, max_tokens=2
         )
         self.assertGreater(r.usage.prompt_tokens, len(chat_ids(messages)))
+
+    def test_one_model_by_id(self):
+        self.assertEqual(self.client.models.retrieve("tiny").id, "tiny")
+        status, body = self.raw("GET", "/v1/models/nope")
+        self.assertEqual((status, body["error"]["code"]), (404, "model_not_found"))
+        status, body = self.raw("POST", "/v1/models/tiny", {})
+        self.assertEqual(status, 405)
 
     def test_model_named_by_id_or_by_its_argument(self):
         for name in ("tiny", MODEL_DIR, "default_model"):
@@ -389,6 +400,35 @@ class TestEndpoints(ServerCase):
         processors = make_logits_processors(repetition_penalty=1.5)
         expected, _ = reference(text_ids(prompt), 8, logits_processors=processors)
         self.assertEqual(r.choices[0].text, expected)
+
+    def test_presence_and_frequency_penalties_match_in_process(self):
+        prompt = "again and again and again"
+        options = {"presence_penalty": 1.5, "frequency_penalty": 2.0}
+        r = self.client.completions.create(
+            model="tiny", prompt=prompt, max_tokens=8, **options
+        )
+        processors = make_logits_processors(**options)
+        expected, _ = reference(text_ids(prompt), 8, logits_processors=processors)
+        self.assertEqual(r.choices[0].text, expected)
+        plain, _ = reference(text_ids(prompt), 8)
+        self.assertNotEqual(expected, plain)  # the penalties did change the answer
+
+    def test_xtc_matches_in_process(self):
+        # Threshold 0: every token but the least likely (and newline, EOS) goes.
+        body = {"xtc_probability": 1.0, "xtc_threshold": 0.0}
+        r = self.client.completions.create(
+            model="tiny", prompt="fruit:", max_tokens=6, temperature=1.0, seed=11,
+            extra_body=body,
+        )  # fmt: skip
+        sampler = make_sampler(
+            1.0, xtc_special_tokens=xtc_special_tokens(TOKENIZER), **body
+        )
+        mx.random.seed(11)
+        expected, _ = reference(text_ids("fruit:"), 6, sampler=sampler)
+        self.assertEqual(r.choices[0].text, expected)
+        mx.random.seed(11)
+        plain, _ = reference(text_ids("fruit:"), 6, sampler=make_sampler(1.0))
+        self.assertNotEqual(expected, plain)
 
 
 class TestBadRequests(ServerCase):

@@ -98,7 +98,14 @@ def _own(x):
     return x[...]
 
 
-def _plain_mask(N: int, offset: int, return_array: bool, window_size):
+def create_attention_mask(
+    N: int, offset: int, return_array: bool = False, window_size=None
+):
+    """The mask for ``N`` queries after ``offset`` cached positions: None for a
+    lone query, ``"causal"`` for the kernel to build, or a boolean array when
+    asked for or a window hides something. Caches build theirs from it (so do
+    clients' caches: the name and signature are upstream's for this module;
+    :func:`~mlx_lm.models.base.create_attention_mask` is the model-side one)."""
     if window_size is not None and offset + N > window_size:
         return create_causal_mask(N, offset, window_size=window_size)
     if N == 1:
@@ -158,7 +165,7 @@ class _BaseCache:
         raise NotImplementedError(f"{type(self).__name__} does not report empty()")
 
     def make_mask(self, N: int, return_array: bool = False, window_size=None):
-        return _plain_mask(N, self.size(), return_array, window_size)
+        return create_attention_mask(N, self.size(), return_array, window_size)
 
     @classmethod
     def from_state(cls, state, meta_state):
@@ -738,12 +745,12 @@ class SlidingWindowKVCache(_BaseCache):
                     f"the 'attention' strategy cannot apply a window of {window_size} "
                     "tokens of the model's own; give such layers their own cache"
                 )
-            return _plain_mask(N, held, return_array, None)
+            return create_attention_mask(N, held, return_array, None)
         # Slot j holds position j in the prefix and end - total + j after it.
         first = 0 if prefix else end - total
         hides_nothing = window_size is None or end - first <= window_size
         if total <= self.window_size and hides_nothing:
-            return _plain_mask(N, held, return_array, None)
+            return create_attention_mask(N, held, return_array, None)
         slots = mx.arange(total)
         positions = mx.where(slots < prefix, slots, slots + end - total)
         distance = mx.arange(end - N, end)[:, None] - positions[None]
@@ -1579,7 +1586,7 @@ class CompressedKVCache(_BaseCache):
             )
         # Kept tokens all precede the N new ones, so the kernel's "causal"
         # (aligned to the last key) is the right mask for N < size + N keys.
-        return _plain_mask(N, self._size, return_array, window_size)
+        return create_attention_mask(N, self._size, return_array, window_size)
 
     def size(self) -> int:
         return self._size
