@@ -37,7 +37,6 @@ from mlx_lm.sample_utils import make_sampler
 from mlx_lm.utils import load
 
 # The package exports a function named like the module: fetch the module itself.
-generate_module = importlib.import_module("mlx_lm.generate")
 cache_hook_module = importlib.import_module("mlx_lm.models.cache_hook")
 H, D = 2, 8
 
