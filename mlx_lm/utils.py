@@ -9,10 +9,11 @@ files next to them.  Folders written by either project load in the other.
 import copy
 import importlib
 import json
+import math
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -101,13 +102,46 @@ def get_model_path(
     raise ModelNotFoundError(f"Model '{repo}' {problem}.")
 
 
+# transformers writes the floats JSON has no literal for as {"__float__": "Infinity"}
+# (and "-Infinity", "NaN"), so that every parser reads its config.json.
+_TAGGED_FLOATS = {"Infinity": math.inf, "-Infinity": -math.inf, "NaN": math.nan}
+
+
+def _untag_floats(value):
+    if isinstance(value, dict):
+        if value.keys() == {"__float__"} and value["__float__"] in _TAGGED_FLOATS:
+            return _TAGGED_FLOATS[value["__float__"]]
+        return {k: _untag_floats(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_untag_floats(v) for v in value]
+    return value
+
+
+def _tag_floats(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        text = "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"
+        return {"__float__": text}
+    if isinstance(value, dict):
+        return {k: _tag_floats(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_tag_floats(v) for v in value]
+    return value
+
+
+def hf_repo_to_path(hf_repo: str) -> Path:
+    """The local folder of a Hugging Face repo, downloaded if needed (upstream's
+    name; :func:`get_model_path` also takes local folders)."""
+    return get_model_path(hf_repo)
+
+
 def load_config(model_path: Path) -> dict:
-    """Read ``config.json``; an ``eos_token_id`` in ``generation_config.json`` wins."""
+    """Read ``config.json``; an ``eos_token_id`` in ``generation_config.json`` wins.
+    Tagged non-finite floats (``{"__float__": "Infinity"}``) come back as floats."""
     model_path = Path(model_path)
     config_file = model_path / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"No config.json in {model_path}")
-    config = json.loads(config_file.read_text())
+    config = _untag_floats(json.loads(config_file.read_text()))
 
     generation_file = model_path / "generation_config.json"
     if generation_file.is_file():
@@ -165,16 +199,47 @@ def _quantization_of(config: dict) -> Optional[dict]:
     return quantization
 
 
+# The packed formats other than affine keep their scales as uint8 and allow
+# one (bits, group size) each.
+_SCALED_FORMATS = {(4, 16): "nvfp4", (4, 32): "mxfp4", (8, 32): "mxfp8"}
+
+
+def infer_quant_config(path: str, module: nn.Module, weights: dict) -> dict:
+    """``{"group_size", "bits", "mode"}`` that the saved weight ``path`` of the
+    (still unquantized) ``module`` was packed with, read from the shapes and
+    dtypes of its codes and scales: 32-bit words of ``bits``-bit codes across
+    the input width, one scale per group. ``ValueError`` for a packing no mode
+    makes."""
+    width = module.weight.shape[-1]
+    words = weights[f"{path}.weight"].shape[-1]
+    scales = weights[f"{path}.scales"]
+    bits, group_size = words * 32 // width, width // scales.shape[-1]
+    if scales.dtype != mx.uint8:
+        return {"group_size": group_size, "bits": bits, "mode": "affine"}
+    mode = _SCALED_FORMATS.get((bits, group_size))
+    if mode is None:
+        raise ValueError(
+            f"{path}: uint8 scales, {bits}-bit codes in groups of {group_size} "
+            "match no quantization mode"
+        )
+    return {"group_size": group_size, "bits": bits, "mode": mode}
+
+
 def load_model(
     model_path: Path,
     lazy: bool = False,
     strict: bool = True,
     model_config: Optional[Dict[str, Any]] = None,
+    get_model_classes: Callable[[dict], Tuple[type, type]] = get_model_classes,
 ) -> Tuple[nn.Module, dict]:
     """Build the model in ``model_path`` and load its weights.
 
     ``model_config`` entries override ``config.json``.  With ``lazy`` the weights
-    are only read from disk when first used.  Returns ``(model, config)``.
+    are only read from disk when first used. ``get_model_classes`` maps the
+    config to ``(Model, ModelArgs)`` (another architecture source than this
+    package's). Layers quantized differently from the config's default and not
+    listed in it are read at their own packing (:func:`infer_quant_config`).
+    Returns ``(model, config)``.
     """
     model_path = Path(model_path)
     config = load_config(model_path)
@@ -195,11 +260,23 @@ def load_model(
     quantization = _quantization_of(config)
     if quantization is not None:
 
+        default = {
+            "group_size": quantization["group_size"],
+            "bits": quantization["bits"],
+            "mode": quantization.get("mode", "affine"),
+        }
+
         def should_quantize(path, module):
             # Per-layer entries (a dict of parameters, or False) come first.
             if path in quantization:
                 return quantization[path]
-            return hasattr(module, "to_quantized") and f"{path}.scales" in weights
+            if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights:
+                return False
+            try:
+                found = infer_quant_config(path, module, weights)
+            except (ValueError, KeyError, AttributeError, ZeroDivisionError):
+                return True
+            return True if found == default else found
 
         nn.quantize(
             model,
@@ -319,6 +396,21 @@ def dequantize_model(model: nn.Module) -> nn.Module:
     return model
 
 
+def make_shards(weights: dict, max_file_size_gb: float = MAX_SHARD_BYTES >> 30) -> list:
+    """Split ``weights`` (name -> array, in order) into dicts of at most
+    ``max_file_size_gb`` GiB each; a tensor larger than that has a dict of its
+    own, since one tensor is never split. No weights give no shards."""
+    limit = max_file_size_gb * 2**30
+    shards, size = [], 0
+    for name, value in weights.items():
+        if not shards or size + value.nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = value
+        size += value.nbytes
+    return shards
+
+
 def save_model(
     save_path: Union[str, Path],
     model: nn.Module,
@@ -332,15 +424,7 @@ def save_model(
     save_path = Path(save_path)
     save_path.mkdir(parents=True, exist_ok=True)
     weights = dict(tree_flatten(model.parameters()))
-
-    shards = [{}]
-    shard_bytes = 0
-    for name, value in weights.items():
-        if shards[-1] and shard_bytes + value.nbytes > max_shard_bytes:
-            shards.append({})
-            shard_bytes = 0
-        shards[-1][name] = value
-        shard_bytes += value.nbytes
+    shards = make_shards(weights, max_shard_bytes / 2**30) or [{}]
 
     weight_map = {}
     for number, shard in enumerate(shards, start=1):
@@ -362,12 +446,14 @@ def save_model(
 
 def save_config(config: dict, config_path: Union[str, Path]) -> None:
     """Write ``config`` as JSON with sorted keys, mirroring ``quantization`` into
-    ``quantization_config`` as Hugging Face tools expect."""
+    ``quantization_config`` as Hugging Face tools expect; non-finite floats are
+    tagged, so that the file stays JSON every parser reads."""
     config = dict(config)
     config.pop("_name_or_path", None)
     if "quantization" in config:
         config["quantization_config"] = config["quantization"]
-    Path(config_path).write_text(json.dumps(config, indent=4, sort_keys=True))
+    text = json.dumps(_tag_floats(config), indent=4, sort_keys=True, allow_nan=False)
+    Path(config_path).write_text(text)
 
 
 def copy_tokenizer_files(

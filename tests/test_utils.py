@@ -22,8 +22,11 @@ from mlx_lm.utils import (
     ModelNotFoundError,
     get_model_classes,
     get_model_path,
+    infer_quant_config,
     load,
+    load_config,
     load_model,
+    make_shards,
     save_config,
     save_model,
 )
@@ -333,6 +336,104 @@ class TestUtils(unittest.TestCase):
         (out / "config.json").write_text(json.dumps(config))
         loaded, _ = load_model(out)
         self.assertEqual(quantized_layers(loaded), layers)
+
+    def test_unlisted_layer_at_another_packing_is_read_as_packed(self):
+        # A layer quantized apart from the default but missing from the
+        # config's per-layer map (as some recipes leave it) is read as stored.
+        out = self.out("unlisted")
+        model, config = load_model(self.hf_path)
+        special = "model.layers.0.self_attn.o_proj"
+
+        def predicate(path, module):
+            if path == special:
+                return {"group_size": 32, "bits": 8}
+            return isinstance(module, nn.Linear) and path != "lm_head"
+
+        nn.quantize(model, 64, 4, class_predicate=predicate)
+        config["quantization"] = {"group_size": 64, "bits": 4}
+        save_model(out, model)
+        save_config(config, out / "config.json")
+        loaded, _ = load_model(out)
+        layers = quantized_layers(loaded)
+        self.assertEqual(layers[special], (32, 8))
+        self.assertEqual(layers["model.layers.1.self_attn.o_proj"], (64, 4))
+        self.assertLess(mx.abs(loaded(PROMPT) - model(PROMPT)).max().item(), 1e-4)
+
+    def test_custom_model_classes(self):
+        seen = []
+
+        def classes(config):
+            seen.append(config["model_type"])
+            return get_model_classes(config)
+
+        model, _ = load_model(self.hf_path, get_model_classes=classes)
+        self.assertEqual(seen, [CONFIG["model_type"]])
+        self.assertEqual(self.assert_logits_close(model, 1e-6), 0.0)
+
+
+class TestInferQuantConfig(unittest.TestCase):
+    def test_every_mode(self):
+        cases = [
+            ("affine", 3, 64),
+            ("affine", 4, 32),
+            ("affine", 8, 128),
+            ("mxfp4", 4, 32),
+            ("mxfp8", 8, 32),
+            ("nvfp4", 4, 16),
+        ]
+        for mode, bits, group_size in cases:
+            with self.subTest(mode=mode, bits=bits, group_size=group_size):
+                layer = nn.Linear(256, 128, bias=False)
+                q = layer.to_quantized(group_size=group_size, bits=bits, mode=mode)
+                weights = {"l.weight": q.weight, "l.scales": q.scales}
+                self.assertEqual(
+                    infer_quant_config("l", layer, weights),
+                    {"group_size": group_size, "bits": bits, "mode": mode},
+                )
+
+    def test_packing_no_mode_makes(self):
+        weights = {
+            "l.weight": mx.zeros((128, 48), mx.uint32),
+            "l.scales": mx.zeros((128, 4), mx.uint8),
+        }
+        with self.assertRaisesRegex(ValueError, "6-bit"):
+            infer_quant_config("l", nn.Linear(256, 128, bias=False), weights)
+
+
+class TestShardsAndConfigs(unittest.TestCase):
+    def test_make_shards(self):
+        class Sized:
+            def __init__(self, nbytes):
+                self.nbytes = nbytes
+
+        small, big = Sized(1 << 20), Sized((1 << 30) + 1)
+        self.assertEqual(make_shards({}, 1), [])
+        self.assertEqual(make_shards({"a": big}, 1), [{"a": big}])
+        shards = make_shards({"a": small, "b": big, "c": small}, 1)
+        self.assertEqual(shards, [{"a": small}, {"b": big}, {"c": small}])
+        shards = make_shards({k: small for k in "abcde"}, 2.5 / 1024)
+        self.assertEqual([list(s) for s in shards], [["a", "b"], ["c", "d"], ["e"]])
+
+    def test_tagged_floats_round_trip(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp)
+            tagged = {
+                "model_type": "llama",
+                "limits": [0.0, {"__float__": "Infinity"}],
+                "nested": {"low": {"__float__": "-Infinity"}},
+                "not_a_tag": {"__float__": 3, "other": 4},
+            }
+            (path / "config.json").write_text(json.dumps(tagged))
+            config = load_config(path)
+            self.assertEqual(config["limits"], [0.0, float("inf")])
+            self.assertEqual(config["nested"]["low"], float("-inf"))
+            self.assertEqual(config["not_a_tag"], {"__float__": 3, "other": 4})
+            save_config(config, path / "config.json")
+            # Valid JSON for a strict parser: no bare Infinity or NaN.
+            text = (path / "config.json").read_text()
+            written = json.loads(text, parse_constant=self.fail)
+            self.assertEqual(written["limits"], tagged["limits"])
+            self.assertEqual(load_config(path)["limits"], [0.0, float("inf")])
 
 
 if __name__ == "__main__":
