@@ -4,6 +4,7 @@
 import argparse
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -1096,6 +1097,15 @@ def main(argv=None):
         parser.error(str(e))
     if args.draft_model is not None and args.prompt_cache_file is not None:
         parser.error("--prompt-cache-file cannot be combined with --draft-model")
+    # Under mlx.launch every rank runs this; the model is split across them.
+    group = mx.distributed.init()
+    if group.size() > 1:
+        for flag, value in (
+            ("--draft-model", args.draft_model),
+            ("--prompt-cache-file", args.prompt_cache_file),
+        ):
+            if value is not None:
+                parser.error(f"{flag} is not supported with {group.size()} ranks")
 
     prompt_cache, metadata = None, {}
     if args.prompt_cache_file is not None:
@@ -1135,6 +1145,15 @@ def main(argv=None):
     model, tokenizer = load(
         resolve_model_argument(args.model), tokenizer_config=tokenizer_config
     )
+    if group.size() > 1:
+        if not hasattr(model, "shard"):
+            raise SystemExit(f"error: {type(model).__module__} cannot be sharded")
+        try:
+            model.shard(group)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}")
+        if group.rank() != 0:  # one copy of the output
+            sys.stdout = open(os.devnull, "w")
     for token in args.extra_eos_token:
         tokenizer.add_eos_token(token)
     ids = build_prompt(

@@ -16,6 +16,59 @@ class BaseModelArgs:
         return cls(**{key: val for key, val in params.items() if key in accepted})
 
 
+def shard_layers(model, group) -> None:
+    """Tensor parallelism in place: split every layer's attention heads and MLP
+    columns across ``group`` (an ``mx.distributed`` group).
+
+    The query, key and value projections and the MLP's gate and up projections
+    keep their rank's share of output rows (all-to-sharded); the output and
+    down projections take that share of input columns and sum the ranks'
+    partial results (sharded-to-all, one all-reduce each per layer). Fused
+    projections (Phi-3's ``qkv_proj`` and ``gate_up_proj``) are split part by
+    part. Quantized layers stay quantized. Each rank then holds
+    ``n_kv_heads / group.size()`` KV heads, so its caches hold only those, and
+    the model's ``tensor_group`` is set for the caches that must agree across
+    ranks (see ``CompressedKVCache.group``).
+    """
+    from mlx.nn.layers.distributed import shard_linear
+
+    n = group.size()
+    for i, layer in enumerate(model.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        if attn.n_heads % n or attn.n_kv_heads % n:
+            raise ValueError(
+                f"layer {i} has {attn.n_heads} query and {attn.n_kv_heads} KV heads, "
+                f"which {n} ranks cannot share evenly"
+            )
+
+        def split(module, name, how, segments=1):
+            setattr(
+                module,
+                name,
+                shard_linear(
+                    getattr(module, name), how, segments=segments, group=group
+                ),
+            )
+
+        if hasattr(attn, "qkv_proj"):
+            q_dim = attn.n_heads * attn.head_dim
+            kv_dim = attn.n_kv_heads * attn.head_dim
+            split(attn, "qkv_proj", "all-to-sharded", [q_dim, q_dim + kv_dim])
+        else:
+            for name in ("q_proj", "k_proj", "v_proj"):
+                split(attn, name, "all-to-sharded")
+        split(attn, "o_proj", "sharded-to-all")
+        attn.n_heads //= n
+        attn.n_kv_heads //= n
+        if hasattr(mlp, "gate_up_proj"):
+            split(mlp, "gate_up_proj", "all-to-sharded", 2)
+        else:
+            split(mlp, "gate_proj", "all-to-sharded")
+            split(mlp, "up_proj", "all-to-sharded")
+        split(mlp, "down_proj", "sharded-to-all")
+    model.tensor_group = group
+
+
 def create_causal_mask(
     N: int,
     offset: int = 0,

@@ -1341,6 +1341,11 @@ class CompressedKVCache(_BaseCache):
     """
 
     step = 256
+    # The tensor-parallel group this layer's heads are split over (set by
+    # make_prompt_cache for a sharded model): scores shared by the heads are
+    # then averaged over the heads of every rank, so all ranks keep the same
+    # tokens as one process would.
+    group = None
 
     def __init__(
         self,
@@ -1521,8 +1526,15 @@ class CompressedKVCache(_BaseCache):
         if scores is None:
             scores = self.head_scores()
             if self.scope != "head":
-                scores = mx.mean(scores, axis=1)
+                scores = self.head_mean(scores)
         return select_kept(self._protect(scores), n_keep, protect_last=self.keep_recent)
+
+    def head_mean(self, scores: mx.array) -> mx.array:
+        """[B, H, T] scores averaged over the heads (of all ranks) to [B, T]."""
+        mean = mx.mean(scores, axis=1)
+        if self.group is None or self.group.size() == 1:
+            return mean
+        return mx.distributed.all_sum(mean, group=self.group) / self.group.size()
 
     def _check_kept(self, kept):
         if self.keys is None:
@@ -2067,7 +2079,7 @@ def compact_prompt_cache(prompt_cache: List[Any], slack: Optional[int] = None) -
         _check_shared(shared)
         first = shared[0][1]
         if first.size() > first.budget + (first.margin if slack is None else slack):
-            scores = [mx.mean(c.head_scores(), axis=1) for _, c in shared]
+            scores = [c.head_mean(c.head_scores()) for _, c in shared]
             kept = first.select(first.budget, mx.mean(mx.stack(scores), axis=0))
             for _, layer in shared:
                 layer.compact(kept)
@@ -2145,7 +2157,18 @@ def make_prompt_cache(
     if not config.evicts and not coded:
         return layers
     head_dim = model_head_dim(model)
-    return [_bounded_layer(c, config, i, head_dim) for i, c in enumerate(layers)]
+    layers = [_bounded_layer(c, config, i, head_dim) for i, c in enumerate(layers)]
+    return _with_tensor_group(model, layers)
+
+
+def _with_tensor_group(model, layers: List[Any]) -> List[Any]:
+    """Tell the compressed layers of a tensor-parallel ``model`` its group."""
+    group = getattr(model, "tensor_group", None)
+    for layer in layers:
+        storage = getattr(layer, "inner", layer)
+        if isinstance(storage, CompressedKVCache):
+            storage.group = group
+    return layers
 
 
 class KVCacheFactory:
@@ -2187,13 +2210,16 @@ class KVCacheBuilder:
         heads = getattr(args, "num_key_value_heads", None) or getattr(
             args, "num_attention_heads", None
         )
+        # A tensor-parallel rank holds its share of the heads.
+        attn = getattr(model.layers[0], "self_attn", None) if model.layers else None
+        heads = getattr(attn, "n_kv_heads", heads)
         head_dim = model_head_dim(model)
         if heads is None or head_dim is None:
             raise ValueError(
                 f"cannot read the KV heads and head dimension of {type(model).__name__}"
             )
         own = model.make_cache() if hasattr(model, "make_cache") else model.layers
-        return [
+        layers = [
             (
                 _bounded_layer(layer, config, i, head_dim)
                 if isinstance(layer, RotatingKVCache)
@@ -2203,6 +2229,7 @@ class KVCacheBuilder:
             )
             for i, layer in enumerate(own)
         ]
+        return _with_tensor_group(model, layers)
 
 
 # Tokens a max_kv_size cache keeps at the front, whatever it evicts.

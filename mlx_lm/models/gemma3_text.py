@@ -6,7 +6,12 @@ from typing import Any, Dict, List, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .base import BaseModelArgs, create_attention_mask, scaled_dot_product_attention
+from .base import (
+    BaseModelArgs,
+    create_attention_mask,
+    scaled_dot_product_attention,
+    shard_layers,
+)
 from .cache import KVCache, RotatingKVCache
 from .rope_utils import initialize_rope, unpack_rope_parameters
 
@@ -193,6 +198,11 @@ class Model(nn.Module):
     @property
     def layers(self):
         return self.model.layers
+
+    def shard(self, group: Optional[mx.distributed.Group] = None):
+        """Split the layers across ``group`` (default: the global group) for
+        tensor parallelism; see :func:`~mlx_lm.models.base.shard_layers`."""
+        shard_layers(self, group or mx.distributed.init())
 
     def make_cache(self):
         return [

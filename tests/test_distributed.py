@@ -1,0 +1,108 @@
+"""Tensor parallelism over two ranks on the loopback interface (MLX's ring
+backend, started with ``mlx.launch``): greedy tokens must equal one process's
+for every cache option, and each rank must hold half the KV cache."""
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import unittest
+from pathlib import Path
+
+import mlx.nn as nn
+from helpers import tiny_model, write_model_dir
+
+HERE = Path(__file__).parent
+WORKER = HERE / "tensor_parallel_worker.py"
+COMPACT = {"compact_kv_budget": 40, "compact_keep_recent": 4}
+OPTIONS = {
+    "full": {},
+    "kv_bits 8": {"kv_bits": 8, "quantized_kv_start": 0},
+    "budget, head scope": COMPACT,
+    "budget, layer scope": {**COMPACT, "compact_scope": "layer"},
+    "budget, model scope": {**COMPACT, "compact_scope": "model"},
+    "window": {"window_size": 32},
+    "max_kv_size": {"max_kv_size": 32},
+}
+SHAPE = dict(hidden_size=128, head_dim=64, num_attention_heads=4, num_key_value_heads=2)
+MODELS = {
+    "llama with biases": dict(model_type="llama", attention_bias=True, mlp_bias=True),
+    "llama, 4-bit weights": dict(model_type="llama"),
+    "qwen3": dict(model_type="qwen3"),
+    "phi3 (fused projections)": dict(model_type="phi3"),
+    "gemma3_text (sliding layers)": dict(
+        model_type="gemma3_text",
+        num_hidden_layers=4,
+        query_pre_attn_scalar=64,
+        sliding_window=16,
+        sliding_window_pattern=2,
+    ),
+}
+
+
+def run(args, timeout=180):
+    return subprocess.run(
+        args, cwd=HERE, capture_output=True, text=True, timeout=timeout
+    )
+
+
+class TestTensorParallel(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        if shutil.which("mlx.launch") is None:
+            raise unittest.SkipTest("mlx.launch is not installed")
+        cls.tmp = tempfile.TemporaryDirectory()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+
+    def results(self, folder, ranks):
+        out = Path(self.tmp.name) / f"{folder.name}-{ranks}"
+        command = [
+            sys.executable,
+            str(WORKER),
+            str(folder),
+            json.dumps(OPTIONS),
+            str(out),
+        ]
+        if ranks > 1:
+            command = [
+                "mlx.launch",
+                "-n",
+                str(ranks),
+                "--backend",
+                "ring",
+                "--",
+            ] + command
+        done = run(command)
+        if done.returncode != 0 and ranks > 1 and "ddress" in done.stderr:
+            self.skipTest(f"the ring backend cannot bind here: {done.stderr[-300:]}")
+        self.assertEqual(done.returncode, 0, done.stderr[-2000:])
+        return [json.loads(Path(f"{out}.{r}").read_text()) for r in range(ranks)]
+
+    def test_two_ranks_match_one_process(self):
+        for name, overrides in MODELS.items():
+            with self.subTest(model=name):
+                model, config = tiny_model(seed=4, **SHAPE, **overrides)
+                if "4-bit" in name:
+                    nn.quantize(model, 64, 4)
+                    config["quantization"] = {"group_size": 64, "bits": 4}
+                folder = Path(self.tmp.name) / f"{name.split()[0]}-{len(name)}"
+                write_model_dir(folder, model, config)
+                (single,) = self.results(folder, 1)
+                ranks = self.results(folder, 2)
+                self.assertEqual([r["size"] for r in ranks], [2, 2])
+                for option in OPTIONS:
+                    want = single["results"][option]
+                    for rank in ranks:
+                        got = rank["results"][option]
+                        self.assertEqual(got["tokens"], want["tokens"], option)
+                        self.assertEqual(got["kv_bytes"] * 2, want["kv_bytes"], option)
+                        # Embeddings and norms are whole on every rank.
+                        self.assertLess(got["weights"], want["weights"], option)
+
+
+if __name__ == "__main__":
+    unittest.main()
