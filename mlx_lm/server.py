@@ -1810,6 +1810,11 @@ def build_server(args: argparse.Namespace) -> APIServer:
 def main(argv=None):
     parser = setup_arg_parser()
     args = parser.parse_args(argv)
+    if mx.distributed.init().size() > 1:
+        parser.error(
+            "the server does not run across ranks yet: start one process, or use "
+            "mlx_lm.generate under mlx.launch"
+        )
     try:
         kv_config_from_args(args)
     except ValueError as e:

@@ -1,10 +1,13 @@
 """Pieces shared by every model definition: argument parsing, masks, attention."""
 
+import copy
 import inspect
 from dataclasses import dataclass
 from typing import Optional, Union
 
 import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 
 @dataclass
@@ -14,6 +17,64 @@ class BaseModelArgs:
         """Build the arguments from a config dict, skipping keys the class lacks."""
         accepted = inspect.signature(cls).parameters
         return cls(**{key: val for key, val in params.items() if key in accepted})
+
+
+def _row_slice(module: nn.Module, start: int, stop: int) -> nn.Module:
+    """A copy of an embedding-like ``module`` (float or quantized) holding
+    only the rows ``start:stop`` of each of its arrays."""
+    part = copy.copy(module)
+    part.update({k: v[start:stop] for k, v in tree_flatten(module.parameters())})
+    return part
+
+
+class VocabShardedEmbedding(nn.Module):
+    """An embedding whose rows (the vocabulary) are split across ``group``.
+
+    A lookup reads the rows this rank holds, zeros elsewhere, and sums the
+    ranks' results (one all-reduce of the hidden states); ``as_linear`` (a tied
+    output head) scores this rank's part of the vocabulary and gathers the
+    parts in rank order. Both equal the unsplit module's results exactly.
+    """
+
+    def __init__(self, embedding: nn.Module, group):
+        super().__init__()
+        rows = embedding.weight.shape[0] // group.size()
+        self.start = group.rank() * rows
+        self.rows = rows
+        self.group = group
+        self.part = _row_slice(embedding, self.start, self.start + rows)
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        local = ids - self.start
+        mine = (local >= 0) & (local < self.rows)
+        h = self.part(mx.where(mine, local, 0))
+        h = mx.where(mine[..., None], h, mx.zeros((), h.dtype))
+        return mx.distributed.all_sum(h, group=self.group)
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return _gather_last(self.part.as_linear(x), self.group)
+
+
+class VocabShardedHead(nn.Module):
+    """An output projection whose rows are split across ``group``: each rank
+    scores its part of the vocabulary, the parts are gathered in rank order."""
+
+    def __init__(self, head: nn.Module, group):
+        super().__init__()
+        from mlx.nn.layers.distributed import shard_linear
+
+        self.group = group
+        # all-to-sharded keeps this rank's rows and takes the whole input.
+        self.part = shard_linear(head, "all-to-sharded", group=group)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return _gather_last(self.part(x), self.group)
+
+
+def _gather_last(x: mx.array, group) -> mx.array:
+    """Concatenate every rank's ``x`` along the last axis, in rank order."""
+    gathered = mx.distributed.all_gather(mx.moveaxis(x, -1, 0), group=group)
+    return mx.moveaxis(gathered, 0, -1)
 
 
 def shard_layers(model, group) -> None:
@@ -66,6 +127,13 @@ def shard_layers(model, group) -> None:
             split(mlp, "gate_proj", "all-to-sharded")
             split(mlp, "up_proj", "all-to-sharded")
         split(mlp, "down_proj", "sharded-to-all")
+    # The vocabulary too, when the ranks can share it evenly: with a large
+    # vocabulary (49K to 262K rows) it is a fifth or more of a small model.
+    inner = model.model
+    if inner.embed_tokens.weight.shape[0] % n == 0:
+        inner.embed_tokens = VocabShardedEmbedding(inner.embed_tokens, group)
+        if hasattr(model, "lm_head"):
+            model.lm_head = VocabShardedHead(model.lm_head, group)
     model.tensor_group = group
 
 
