@@ -48,14 +48,15 @@ class GenerationResponse:
     ``finish_reason`` is ``"stop"``, ``"length"`` or ``None`` while generation goes on.
     """
 
+    # In upstream's order, for code that builds one positionally.
     text: str
     token: int
-    from_draft: bool
     logprobs: mx.array
-    generation_tokens: int
-    generation_tps: float
+    from_draft: bool
     prompt_tokens: int
     prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
     peak_memory: float
     finish_reason: Optional[str] = None
 

@@ -52,6 +52,21 @@ class TestCacheSideMask(unittest.TestCase):
         self.assertEqual(create_attention_mask(2, 1, window_size=4), "causal")
 
 
+class TestKeysAndValues(unittest.TestCase):
+    def test_held_tokens_only(self):
+        for cache in (KVCache(), QuantizedKVCache(group_size=32, bits=8)):
+            with self.subTest(type(cache).__name__):
+                self.assertEqual(cache.keys_and_values(), (None, None))
+                k = mx.ones((1, 2, 5, 32))
+                cache.update_and_fetch(k, 2 * k)
+                keys, values = cache.keys_and_values()
+                if isinstance(cache, QuantizedKVCache):
+                    keys = mx.dequantize(*keys, group_size=32, bits=8)
+                    values = mx.dequantize(*values, group_size=32, bits=8)
+                self.assertEqual(keys.shape, (1, 2, 5, 32))
+                self.assertTrue(mx.allclose(values, 2 * k, atol=1e-2).item())
+
+
 class GrowthChecks:
     """Boundary checks shared by every geometrically growing cache."""
 

@@ -245,6 +245,10 @@ class QuantizedKVCache(_BaseCache):
             self.keys = tuple(_own(x) for x in v[0])
             self.values = tuple(_own(x) for x in v[1])
 
+    def keys_and_values(self):
+        """The held ``(keys, values)`` triples, without the spare room."""
+        return self.state if self.keys is not None else (None, None)
+
     @property
     def meta_state(self):
         return tuple(str(x) for x in (self.offset, self.group_size, self.bits))
@@ -299,6 +303,10 @@ class KVCache(_BaseCache):
             return 0
         per_slot = (self.keys.nbytes + self.values.nbytes) // self.keys.shape[2]
         return per_slot * self.offset
+
+    def keys_and_values(self):
+        """The held ``(keys, values)``, without the spare room."""
+        return self.state if self.keys is not None else (None, None)
 
     @property
     def state(self):
