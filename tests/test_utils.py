@@ -304,11 +304,11 @@ class TestUtils(unittest.TestCase):
         model, _ = load_model(out)
         self.assertEqual(self.assert_logits_close(model, 1e-6), 0.0)
 
-    def test_per_layer_and_legacy_quantization_config(self):
-        # Folders written by mixed-precision recipes list per-layer parameters.
-        out = self.out("mixed")
+    def save_mixed(self, out, special, listed):
+        """Write the model in 4 bits, groups of 64, but ``special`` in 8 bits,
+        groups of 32, which the config's per-layer map names when ``listed``;
+        returns the quantized model and its config."""
         model, config = load_model(self.hf_path)
-        special = "model.layers.1.mlp.down_proj"
         entry = {"group_size": 32, "bits": 8}
 
         def predicate(path, module):
@@ -317,10 +317,18 @@ class TestUtils(unittest.TestCase):
             return isinstance(module, nn.Linear) and path != "lm_head"
 
         nn.quantize(model, 64, 4, class_predicate=predicate)
-        config["quantization"] = {"group_size": 64, "bits": 4, special: entry}
+        config["quantization"] = {"group_size": 64, "bits": 4}
+        if listed:
+            config["quantization"][special] = entry
         save_model(out, model)
         save_config(config, out / "config.json")
+        return model, config
 
+    def test_per_layer_and_legacy_quantization_config(self):
+        # Folders written by mixed-precision recipes list per-layer parameters.
+        out = self.out("mixed")
+        special, entry = "model.layers.1.mlp.down_proj", {"group_size": 32, "bits": 8}
+        model, config = self.save_mixed(out, special, listed=True)
         loaded, _ = load_model(out)
         layers = quantized_layers(loaded)
         self.assertEqual(layers[special], (32, 8))
@@ -341,18 +349,8 @@ class TestUtils(unittest.TestCase):
         # A layer quantized apart from the default but missing from the
         # config's per-layer map (as some recipes leave it) is read as stored.
         out = self.out("unlisted")
-        model, config = load_model(self.hf_path)
         special = "model.layers.0.self_attn.o_proj"
-
-        def predicate(path, module):
-            if path == special:
-                return {"group_size": 32, "bits": 8}
-            return isinstance(module, nn.Linear) and path != "lm_head"
-
-        nn.quantize(model, 64, 4, class_predicate=predicate)
-        config["quantization"] = {"group_size": 64, "bits": 4}
-        save_model(out, model)
-        save_config(config, out / "config.json")
+        model, _ = self.save_mixed(out, special, listed=False)
         loaded, _ = load_model(out)
         layers = quantized_layers(loaded)
         self.assertEqual(layers[special], (32, 8))
