@@ -493,6 +493,13 @@ def generate(
             )
             print(f"Peak memory: {response.peak_memory:.3f} GB")
         stats = kv.cache_eviction_stats(kwargs["prompt_cache"])
+        group = getattr(model, "pipeline_group", None)
+        if group is not None:  # each rank holds some of the layers
+            names = ("tokens_evicted", "total_evictions", "current_size")
+            totals = mx.distributed.all_sum(
+                mx.array([stats[k] for k in names]), group=group
+            )
+            stats = dict(zip(names, totals.tolist()))
         if bounded or stats["tokens_evicted"]:
             print(
                 f"KV cache: {stats['tokens_evicted']} tokens evicted in "
@@ -998,6 +1005,12 @@ def setup_arg_parser():
         "tokens above --xtc-threshold",
     )
     p.add_argument("--xtc-threshold", type=_xtc_threshold, default=0.1)
+    p.add_argument(
+        "--pipeline",
+        action="store_true",
+        help="Under mlx.launch, give each rank a run of layers (pipeline "
+        "parallelism) instead of a share of every layer's heads (tensor parallelism)",
+    )
     p.add_argument("--seed", type=int, default=DEFAULT_SEED)
     p.add_argument(
         "--ignore-chat-template",
@@ -1150,7 +1163,7 @@ def main(argv=None):
         if not hasattr(model, "shard"):
             raise SystemExit(f"error: {type(model).__module__} cannot be sharded")
         try:
-            model.shard(group)
+            model.pipeline(group) if args.pipeline else model.shard(group)
         except ValueError as e:
             raise SystemExit(f"error: {e}")
         if group.rank() != 0:  # one copy of the output

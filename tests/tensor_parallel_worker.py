@@ -1,8 +1,9 @@
-"""One rank of a tensor-parallel run, started by ``mlx.launch`` from
-``test_distributed.py``: loads the model folder in ``argv[1]``, shards it over
-the global group, generates greedily under each cache option of ``argv[2]``
-(JSON: name -> keyword options) and writes, per option, the tokens and this
-rank's weight and KV-cache bytes to ``argv[3]`` (one file per rank)."""
+"""One rank of a tensor- or pipeline-parallel run, started by ``mlx.launch``
+from ``test_distributed.py``: loads the model folder in ``argv[1]``, splits it
+over the global group (``argv[4]``: "tensor" or "pipeline"), generates
+greedily under each cache option of ``argv[2]`` (JSON: name -> keyword
+options) and writes, per option, the tokens and this rank's weight and
+KV-cache bytes to ``argv[3]`` (one file per rank)."""
 
 import mlx_lm  # noqa: F401 isort: skip
 
@@ -21,11 +22,12 @@ PROMPT = "the quick brown fox jumps over the lazy dog " * 6
 
 
 def main():
-    path, options, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+    path, options, out, mode = sys.argv[1:5]
+    options = json.loads(options)
     group = mx.distributed.init()
     model, tokenizer = load(path)
     if group.size() > 1:
-        model.shard(group)
+        model.shard(group) if mode == "tensor" else model.pipeline(group)
     mx.eval(model.parameters())
     weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     prompt = mx.array(tokenizer.encode(PROMPT))

@@ -1,7 +1,8 @@
-"""Tensor parallelism over two ranks on the loopback interface (MLX's ring
-backend, started with ``mlx.launch``): greedy tokens must equal one process's
-for every cache option, each rank must hold half the KV cache, and weights
-plus cache per rank at most 0.55 of one process's."""
+"""Tensor and pipeline parallelism over two ranks on the loopback interface
+(MLX's ring backend, started with ``mlx.launch``): greedy tokens must equal
+one process's for every cache option and each rank must hold half the KV
+cache; with tensor parallelism, weights plus cache per rank at most 0.55 of
+one process's."""
 
 import json
 import shutil
@@ -11,8 +12,11 @@ import tempfile
 import unittest
 from pathlib import Path
 
+import mlx.core as mx
 import mlx.nn as nn
 from helpers import tiny_model, write_model_dir
+
+from mlx_lm.models.cache import make_prompt_cache
 
 HERE = Path(__file__).parent
 WORKER = HERE / "tensor_parallel_worker.py"
@@ -59,15 +63,10 @@ class TestTensorParallel(unittest.TestCase):
     def tearDownClass(cls):
         cls.tmp.cleanup()
 
-    def results(self, folder, ranks):
-        out = Path(self.tmp.name) / f"{folder.name}-{ranks}"
-        command = [
-            sys.executable,
-            str(WORKER),
-            str(folder),
-            json.dumps(OPTIONS),
-            str(out),
-        ]
+    def results(self, folder, ranks, mode="tensor", options=OPTIONS):
+        out = Path(self.tmp.name) / f"{folder.name}-{ranks}-{mode}"
+        command = [sys.executable, str(WORKER), str(folder), json.dumps(options)]
+        command += [str(out), mode]
         if ranks > 1:
             command = [
                 "mlx.launch",
@@ -83,15 +82,41 @@ class TestTensorParallel(unittest.TestCase):
         self.assertEqual(done.returncode, 0, done.stderr[-2000:])
         return [json.loads(Path(f"{out}.{r}").read_text()) for r in range(ranks)]
 
-    def test_two_ranks_match_one_process(self):
-        for name, overrides in MODELS.items():
+    def folder(self, name):
+        model, config = tiny_model(seed=4, **SHAPE, **MODELS[name])
+        if "4-bit" in name:
+            nn.quantize(model, 64, 4)
+            config["quantization"] = {"group_size": 64, "bits": 4}
+        folder = Path(self.tmp.name) / f"{name.split()[0]}-{len(name)}"
+        return write_model_dir(folder, model, config)
+
+    def test_pipeline_matches_one_process(self):
+        # Model scope ranks all layers together: refused (see below).
+        options = {k: v for k, v in OPTIONS.items() if "model scope" not in k}
+        for name in ("llama, 4-bit weights", "phi3 (fused projections)",
+                     "gemma3_text (sliding layers)"):  # fmt: skip
             with self.subTest(model=name):
-                model, config = tiny_model(seed=4, **SHAPE, **overrides)
-                if "4-bit" in name:
-                    nn.quantize(model, 64, 4)
-                    config["quantization"] = {"group_size": 64, "bits": 4}
-                folder = Path(self.tmp.name) / f"{name.split()[0]}-{len(name)}"
-                write_model_dir(folder, model, config)
+                folder = self.folder(name)
+                (single,) = self.results(folder, 1, "pipeline", options)
+                ranks = self.results(folder, 2, "pipeline", options)
+                for option in options:
+                    want = single["results"][option]
+                    for rank in ranks:
+                        got = rank["results"][option]
+                        self.assertEqual(got["tokens"], want["tokens"], option)
+                        self.assertEqual(got["kv_bytes"] * 2, want["kv_bytes"], option)
+                        self.assertLess(got["weights"], want["weights"], option)
+
+    def test_pipeline_refuses_model_scope(self):
+        model, _ = tiny_model(seed=4, **SHAPE)
+        model.pipeline(mx.distributed.init())
+        with self.assertRaisesRegex(ValueError, "compact_scope='model'"):
+            make_prompt_cache(model, compact_kv_budget=40, compact_scope="model")
+
+    def test_two_ranks_match_one_process(self):
+        for name in MODELS:
+            with self.subTest(model=name):
+                folder = self.folder(name)
                 (single,) = self.results(folder, 1)
                 ranks = self.results(folder, 2)
                 self.assertEqual([r["size"] for r in ranks], [2, 2])
@@ -112,15 +137,19 @@ class TestTensorParallel(unittest.TestCase):
         command = [sys.executable, "-m", "mlx_lm.generate", "--model", str(folder)]
         command += ["--prompt", "the lazy dog " * 10, "--max-tokens", "16"]
         command += ["--compact-kv-budget", "40", "--compact-keep-recent", "4"]
-        command += ["--compact-scope", "model"]
-        alone = run(command)
+        alone = run(command + ["--compact-scope", "layer"])
         self.assertEqual(alone.returncode, 0, alone.stderr[-2000:])
-        two = run(["mlx.launch", "-n", "2", "--backend", "ring", "--"] + command)
-        self.assertEqual(two.returncode, 0, two.stderr[-2000:])
-        # One copy of the output (rank 0's), the same text as one process.
         text = alone.stdout.split("=" * 10)[1]
-        self.assertEqual(two.stdout.count("=" * 10), 2)
-        self.assertEqual(two.stdout.split("=" * 10)[1], text)
+        launch = ["mlx.launch", "-n", "2", "--backend", "ring", "--"]
+        for flags in (
+            ["--compact-scope", "layer"],
+            ["--compact-scope", "layer", "--pipeline"],
+        ):
+            two = run(launch + command + flags)
+            self.assertEqual(two.returncode, 0, two.stderr[-2000:])
+            # One copy of the output (rank 0's), the same text as one process.
+            self.assertEqual(two.stdout.count("=" * 10), 2, flags)
+            self.assertEqual(two.stdout.split("=" * 10)[1], text, flags)
 
 
 if __name__ == "__main__":

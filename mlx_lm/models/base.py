@@ -137,6 +137,48 @@ def shard_layers(model, group) -> None:
     model.tensor_group = group
 
 
+def shard_pipeline(model, group) -> None:
+    """Pipeline parallelism in place: each rank of ``group`` keeps a run of
+    consecutive layers (the first rank the first run) and drops the others,
+    so its caches hold only its layers.
+
+    The first rank embeds the tokens; every other rank receives the hidden
+    states from the rank before it, runs its layers and passes them on; the
+    last rank's output is then gathered by all, which finish with the norm and
+    the output head (kept whole on every rank). ``model.pipeline_group`` is set.
+    """
+    layers = model.model.layers
+    n, rank = group.size(), group.rank()
+    if len(layers) < n:
+        raise ValueError(f"{len(layers)} layers cannot be shared by {n} ranks")
+    counts = [len(layers) // n + (i < len(layers) % n) for i in range(n)]
+    start = sum(counts[:rank])
+    model.model.layers = layers[start : start + counts[rank]]
+    model.model.pipeline_group = model.pipeline_group = group
+
+
+def receive_hidden(inputs: mx.array, width: int, dtype, group) -> mx.array:
+    """The hidden states of ``inputs`` ([B, L] ids) from the previous rank."""
+    return mx.distributed.recv(
+        (*inputs.shape, width), dtype, group.rank() - 1, group=group
+    )
+
+
+def pass_hidden(h: mx.array, group) -> mx.array:
+    """After a rank's layers: hand ``h`` to the next rank; every rank returns
+    the last rank's output (an identity without a pipeline)."""
+    if group is None:
+        return h
+    if group.rank() < group.size() - 1:
+        h = mx.distributed.send(h, group.rank() + 1, group=group)
+    out = mx.distributed.all_gather(h, group=group)[-h.shape[0] :]
+    # Evaluated here: a prefill evaluates only the caches, which on every
+    # rank but the last do not depend on the send, and the next rank would
+    # wait for it forever.
+    mx.eval(out)
+    return out
+
+
 def create_causal_mask(
     N: int,
     offset: int = 0,

@@ -2166,16 +2166,24 @@ def make_prompt_cache(
         return layers
     head_dim = model_head_dim(model)
     layers = [_bounded_layer(c, config, i, head_dim) for i, c in enumerate(layers)]
-    return _with_tensor_group(model, layers)
+    return _for_ranks(model, layers)
 
 
-def _with_tensor_group(model, layers: List[Any]) -> List[Any]:
-    """Tell the compressed layers of a tensor-parallel ``model`` its group."""
+def _for_ranks(model, layers: List[Any]) -> List[Any]:
+    """Tell the compressed layers of a tensor-parallel ``model`` its group;
+    refuse model-scope compaction in a pipeline, whose ranks each hold some of
+    the layers it would rank together."""
     group = getattr(model, "tensor_group", None)
+    pipeline = getattr(model, "pipeline_group", None) is not None
     for layer in layers:
         storage = getattr(layer, "inner", layer)
         if isinstance(storage, CompressedKVCache):
             storage.group = group
+            if pipeline and storage.scope == "model":
+                raise ValueError(
+                    "compact_scope='model' ranks the tokens of all layers together, "
+                    "which a pipeline splits across ranks: use 'layer' or 'head'"
+                )
     return layers
 
 
@@ -2237,7 +2245,7 @@ class KVCacheBuilder:
             )
             for i, layer in enumerate(own)
         ]
-        return _with_tensor_group(model, layers)
+        return _for_ranks(model, layers)
 
 
 # Tokens a max_kv_size cache keeps at the front, whatever it evicts.

@@ -9,8 +9,11 @@ import mlx.nn as nn
 from .base import (
     BaseModelArgs,
     create_attention_mask,
+    pass_hidden,
+    receive_hidden,
     scaled_dot_product_attention,
     shard_layers,
+    shard_pipeline,
 )
 from .cache import KVCache, RotatingKVCache
 from .rope_utils import initialize_rope, unpack_rope_parameters
@@ -156,9 +159,20 @@ class Gemma3Model(nn.Module):
         ]
         self.norm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
+    # Set by shard_pipeline: this rank runs only its own layers.
+    pipeline_group = None
+
     def __call__(self, inputs: mx.array, cache=None, input_embeddings=None):
-        h = self.embed_tokens(inputs) if input_embeddings is None else input_embeddings
-        h = h * mx.array(self.hidden_size**0.5, dtype=h.dtype)
+        group = self.pipeline_group
+        if group is not None and group.rank() > 0:
+            h = receive_hidden(inputs, self.hidden_size, self.norm.weight.dtype, group)
+        else:
+            h = (
+                self.embed_tokens(inputs)
+                if input_embeddings is None
+                else input_embeddings
+            )
+            h = h * mx.array(self.hidden_size**0.5, dtype=h.dtype)
         if cache is None:
             cache = [None] * len(self.layers)
 
@@ -171,7 +185,7 @@ class Gemma3Model(nn.Module):
 
         for layer, c in zip(self.layers, cache):
             h = layer(h, masks[layer.is_sliding], c)
-        return self.norm(h)
+        return self.norm(pass_hidden(h, group))
 
 
 class Model(nn.Module):
@@ -203,6 +217,11 @@ class Model(nn.Module):
         """Split the layers across ``group`` (default: the global group) for
         tensor parallelism; see :func:`~mlx_lm.models.base.shard_layers`."""
         shard_layers(self, group or mx.distributed.init())
+
+    def pipeline(self, group: Optional[mx.distributed.Group] = None):
+        """Keep this rank's run of layers of a pipeline over ``group``; see
+        :func:`~mlx_lm.models.base.shard_pipeline`."""
+        shard_pipeline(self, group or mx.distributed.init())
 
     def make_cache(self):
         return [

@@ -9,8 +9,11 @@ import mlx.nn as nn
 from .base import (
     BaseModelArgs,
     create_attention_mask,
+    pass_hidden,
+    receive_hidden,
     scaled_dot_product_attention,
     shard_layers,
+    shard_pipeline,
 )
 from .cache import KVCache, RotatingKVCache
 from .rope_utils import initialize_rope, unpack_rope_parameters
@@ -153,8 +156,19 @@ class LlamaModel(nn.Module):
         self.layers = layers
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
+    # Set by shard_pipeline: this rank runs only its own layers.
+    pipeline_group = None
+
     def __call__(self, inputs: mx.array, cache=None, input_embeddings=None):
-        h = self.embed_tokens(inputs) if input_embeddings is None else input_embeddings
+        group = self.pipeline_group
+        if group is not None and group.rank() > 0:
+            h = receive_hidden(
+                inputs, self.norm.weight.shape[0], self.norm.weight.dtype, group
+            )
+        elif input_embeddings is None:
+            h = self.embed_tokens(inputs)
+        else:
+            h = input_embeddings
         if cache is None:
             cache = [None] * len(self.layers)
 
@@ -167,7 +181,7 @@ class LlamaModel(nn.Module):
 
         for layer, c in zip(self.layers, cache):
             h = layer(h, masks[layer.use_sliding], c)
-        return self.norm(h)
+        return self.norm(pass_hidden(h, group))
 
 
 class Model(nn.Module):
@@ -215,6 +229,11 @@ class Model(nn.Module):
         """Split the layers across ``group`` (default: the global group) for
         tensor parallelism; see :func:`~mlx_lm.models.base.shard_layers`."""
         shard_layers(self, group or mx.distributed.init())
+
+    def pipeline(self, group: Optional[mx.distributed.Group] = None):
+        """Keep this rank's run of layers of a pipeline over ``group``; see
+        :func:`~mlx_lm.models.base.shard_pipeline`."""
+        shard_pipeline(self, group or mx.distributed.init())
 
     def _sliding_cache(self):
         return [
