@@ -1,17 +1,20 @@
-"""Tensor parallelism on this machine: two ranks on loopback (MLX's ring
-backend) against one process, for one model.
+"""Tensor or pipeline parallelism on this machine: two ranks on loopback
+(MLX's ring backend) against one process, for one model.
 
 Reports, per cache option: whether the greedy tokens match, each rank's
 weights + KV bytes against one process's, and decode speed; then the traffic
 per decoded token (counted from the model's shapes: two all-reduces of the
 hidden state per layer, one for the embedding lookup, one gather of the
-logits) and the time of those collectives measured alone, and the score
-all-reduce of layer/model-scope compaction (one per compaction and layer).
+logits; with ``--pipeline``: one send of the hidden state per rank boundary
+and one gather of it) and the time of those collectives measured alone, and
+the score all-reduce of layer/model-scope compaction (tensor parallelism: one
+per compaction and layer).
 On one machine two ranks share two cores: the speed is not what separate
 machines would give, the correctness and memory are.
 
     python benchmarks/bench_tensor_parallel.py --json benchmarks/results/tensor_parallel_demo.json
-    python benchmarks/bench_tensor_parallel.py --model PATH --tokens 64
+    python benchmarks/bench_tensor_parallel.py --model PATH --pipeline \
+        --json benchmarks/results/pipeline_smollm2.json
 """
 
 import mlx_lm  # noqa: F401 isort: skip
@@ -58,7 +61,7 @@ def worker(a):
     group = mx.distributed.init()
     model, tokenizer = load(resolve_model_argument(a.model))
     if group.size() > 1:
-        model.shard(group)
+        model.pipeline(group) if a.pipeline else model.shard(group)
     mx.eval(model.parameters())
     weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     prompt = mx.array(tokenizer.encode(PROMPT))
@@ -84,11 +87,22 @@ def worker(a):
                 "scores all-reduce (1K tokens)": ((1, 1024), False),
             },
         )
-        out["per_token"] = {
-            "all_reduces": 2 * len(model.layers) + 1,
-            "all_reduce_bytes": hidden * 4,
-            "gather_bytes": vocab // group.size() * 4,
-        }
+        if a.pipeline:  # a send per boundary, then a gather of the hidden state
+            out["per_token"] = {
+                "all_reduces": 0,
+                "all_reduce_bytes": 0,
+                "sends": group.size() - 1,
+                "send_bytes": hidden * 4,
+                "gather_bytes": hidden * 4,
+            }
+        else:
+            out["per_token"] = {
+                "all_reduces": 2 * len(model.layers) + 1,
+                "all_reduce_bytes": hidden * 4,
+                "sends": 0,
+                "send_bytes": 0,
+                "gather_bytes": vocab // group.size() * 4,
+            }
     Path(f"{a.out}.{group.rank()}").write_text(json.dumps(out))
     mx.clear_streams()
 
@@ -97,6 +111,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="default: the bundled demo model")
     p.add_argument("--tokens", type=int, default=48)
+    p.add_argument("--pipeline", action="store_true", help="layers per rank, not heads")
     p.add_argument("--json", default=None)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
@@ -106,6 +121,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         me = [sys.executable, __file__, "--worker", "--tokens", str(a.tokens)]
         me += ["--model", a.model] if a.model else []
+        me += ["--pipeline"] if a.pipeline else []
         subprocess.run(me + ["--out", f"{tmp}/one"], check=True)
         launch = ["mlx.launch", "-n", "2", "--backend", "ring", "--"]
         subprocess.run(launch + me + ["--out", f"{tmp}/two"], check=True)
@@ -134,17 +150,19 @@ def main(argv=None):
         )
     per, coll = rank["per_token"], rank["collectives_s"]
     print(
-        f"per decoded token: {per['all_reduces']} all-reduces of {per['all_reduce_bytes']} B "
-        f"({1e6 * coll['hidden all-reduce']:.0f} us each here) and one gather of "
-        f"{per['gather_bytes']} B per rank ({1e6 * coll['logits gather']:.0f} us); "
-        f"the score all-reduce of 1K tokens takes {1e6 * coll['scores all-reduce (1K tokens)']:.0f} us "
-        "per layer and compaction"
+        f"per decoded token: {per['all_reduces']} all-reduces and {per['sends']} sends "
+        f"of {max(per['all_reduce_bytes'], per['send_bytes'])} B "
+        f"(an all-reduce of that size: {1e6 * coll['hidden all-reduce']:.0f} us here), "
+        f"one gather of {per['gather_bytes']} B per rank (logits-sized: "
+        f"{1e6 * coll['logits gather']:.0f} us); a score all-reduce of 1K tokens: "
+        f"{1e6 * coll['scores all-reduce (1K tokens)']:.0f} us"
     )
     if a.json:
         Path(a.json).write_text(
             json.dumps(
                 {
                     "model": a.model or "demo",
+                    "mode": "pipeline" if a.pipeline else "tensor",
                     "rows": rows,
                     "per_token": per,
                     "collectives_s": coll,
