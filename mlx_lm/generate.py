@@ -1156,8 +1156,12 @@ def main(argv=None):
     prompt = prompt.replace("\\n", "\n").replace("\\t", "\t")
 
     tokenizer_config = json.loads(metadata.get("tokenizer_config", "{}"))
+    # Across ranks the weights load lazily: each rank reads what it keeps (all
+    # of its own layers' tensors; with --pipeline nothing of the others').
     model, tokenizer = load(
-        resolve_model_argument(args.model), tokenizer_config=tokenizer_config
+        resolve_model_argument(args.model),
+        tokenizer_config=tokenizer_config,
+        lazy=group.size() > 1,
     )
     if group.size() > 1:
         if not hasattr(model, "shard"):
@@ -1166,6 +1170,7 @@ def main(argv=None):
             model.pipeline(group) if args.pipeline else model.shard(group)
         except ValueError as e:
             raise SystemExit(f"error: {e}")
+        mx.eval(model.parameters())
         if group.rank() != 0:  # one copy of the output
             sys.stdout = open(os.devnull, "w")
     for token in args.extra_eos_token:
