@@ -90,22 +90,29 @@ class TestTensorParallel(unittest.TestCase):
         folder = Path(self.tmp.name) / f"{name.split()[0]}-{len(name)}"
         return write_model_dir(folder, model, config)
 
+    def assert_split(self, folder, mode, options, memory):
+        """Two ranks give one process's tokens under every option, each with
+        half its KV bytes and below ``memory`` times its weights + KV bytes."""
+        (single,) = self.results(folder, 1, mode, options)
+        ranks = self.results(folder, 2, mode, options)
+        self.assertEqual([r["size"] for r in ranks], [2, 2])
+        for option in options:
+            want = single["results"][option]
+            for rank in ranks:
+                got = rank["results"][option]
+                self.assertEqual(got["tokens"], want["tokens"], option)
+                self.assertEqual(got["kv_bytes"] * 2, want["kv_bytes"], option)
+                held = got["weights"] + got["kv_bytes"]
+                self.assertLess(held, memory * (want["weights"] + want["kv_bytes"]))
+
     def test_pipeline_matches_one_process(self):
         # Model scope ranks all layers together: refused (see below).
         options = {k: v for k, v in OPTIONS.items() if "model scope" not in k}
         for name in ("llama, 4-bit weights", "phi3 (fused projections)",
                      "gemma3_text (sliding layers)"):  # fmt: skip
             with self.subTest(model=name):
-                folder = self.folder(name)
-                (single,) = self.results(folder, 1, "pipeline", options)
-                ranks = self.results(folder, 2, "pipeline", options)
-                for option in options:
-                    want = single["results"][option]
-                    for rank in ranks:
-                        got = rank["results"][option]
-                        self.assertEqual(got["tokens"], want["tokens"], option)
-                        self.assertEqual(got["kv_bytes"] * 2, want["kv_bytes"], option)
-                        self.assertLess(got["weights"], want["weights"], option)
+                # The norms, the embedding and the head are whole on each rank.
+                self.assert_split(self.folder(name), "pipeline", options, 1.0)
 
     def test_pipeline_refuses_model_scope(self):
         model, _ = tiny_model(seed=4, **SHAPE)
@@ -116,20 +123,8 @@ class TestTensorParallel(unittest.TestCase):
     def test_two_ranks_match_one_process(self):
         for name in MODELS:
             with self.subTest(model=name):
-                folder = self.folder(name)
-                (single,) = self.results(folder, 1)
-                ranks = self.results(folder, 2)
-                self.assertEqual([r["size"] for r in ranks], [2, 2])
-                for option in OPTIONS:
-                    want = single["results"][option]
-                    for rank in ranks:
-                        got = rank["results"][option]
-                        self.assertEqual(got["tokens"], want["tokens"], option)
-                        self.assertEqual(got["kv_bytes"] * 2, want["kv_bytes"], option)
-                        # Only the norms are whole on every rank.
-                        held = got["weights"] + got["kv_bytes"]
-                        alone = want["weights"] + want["kv_bytes"]
-                        self.assertLessEqual(held, 0.55 * alone, option)
+                # Only the norms are whole on every rank.
+                self.assert_split(self.folder(name), "tensor", OPTIONS, 0.55)
 
     def test_generate_command_line(self):
         model, config = tiny_model(seed=6, **SHAPE)

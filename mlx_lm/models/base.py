@@ -157,6 +157,21 @@ def shard_pipeline(model, group) -> None:
     model.model.pipeline_group = model.pipeline_group = group
 
 
+class Parallel:
+    """``shard`` and ``pipeline`` for a model with ``model.layers`` of
+    attention + MLP blocks (every architecture here mixes it in)."""
+
+    def shard(self, group: Optional[mx.distributed.Group] = None):
+        """Split every layer across ``group`` (default: the global group) for
+        tensor parallelism; see :func:`shard_layers`."""
+        shard_layers(self, group or mx.distributed.init())
+
+    def pipeline(self, group: Optional[mx.distributed.Group] = None):
+        """Keep this rank's run of layers of a pipeline over ``group``; see
+        :func:`shard_pipeline`."""
+        shard_pipeline(self, group or mx.distributed.init())
+
+
 def receive_hidden(inputs: mx.array, width: int, dtype, group) -> mx.array:
     """The hidden states of ``inputs`` ([B, L] ids) from the previous rank."""
     return mx.distributed.recv(

@@ -8,12 +8,11 @@ import mlx.nn as nn
 
 from .base import (
     BaseModelArgs,
+    Parallel,
     create_attention_mask,
     pass_hidden,
     receive_hidden,
     scaled_dot_product_attention,
-    shard_layers,
-    shard_pipeline,
 )
 from .cache import KVCache, RotatingKVCache
 from .rope_utils import initialize_rope, unpack_rope_parameters
@@ -188,7 +187,7 @@ class Gemma3Model(nn.Module):
         return self.norm(pass_hidden(h, group))
 
 
-class Model(nn.Module):
+class Model(Parallel, nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
@@ -212,16 +211,6 @@ class Model(nn.Module):
     @property
     def layers(self):
         return self.model.layers
-
-    def shard(self, group: Optional[mx.distributed.Group] = None):
-        """Split the layers across ``group`` (default: the global group) for
-        tensor parallelism; see :func:`~mlx_lm.models.base.shard_layers`."""
-        shard_layers(self, group or mx.distributed.init())
-
-    def pipeline(self, group: Optional[mx.distributed.Group] = None):
-        """Keep this rank's run of layers of a pipeline over ``group``; see
-        :func:`~mlx_lm.models.base.shard_pipeline`."""
-        shard_pipeline(self, group or mx.distributed.init())
 
     def make_cache(self):
         return [
