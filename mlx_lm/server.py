@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 import mlx.core as mx
+import numpy as np
 
 from .generate import (
     DEFAULT_MIN_P,
@@ -46,6 +47,7 @@ from .generate import (
     DEFAULT_TOP_P,
     add_kv_cache_arguments,
     add_prefill_argument,
+    generation_stream,
     kv_config_from_args,
     stream_generate,
 )
@@ -630,10 +632,15 @@ class _Cancelled(Exception):
 
 
 class Job:
-    """One queued request: the worker reports to ``events``; ``cancel()`` stops it."""
+    """One queued request: the worker reports to ``events``; ``cancel()`` stops it.
 
-    def __init__(self, request: GenerationRequest):
+    ``source`` is the ``(kind, body)`` it was parsed from, which the worker of
+    a server across ranks sends to the others.
+    """
+
+    def __init__(self, request: GenerationRequest, source=None):
         self.request = request
+        self.source = source
         self.events = queue.Queue()
         self._cancelled = threading.Event()
 
@@ -646,6 +653,35 @@ class Job:
 
     def emit(self, kind: str, payload=None):
         self.events.put((kind, payload))
+
+
+def _all_sum(x: mx.array, group) -> mx.array:
+    """``all_sum`` queued on the generation stream, behind the model's own
+    collectives: every rank then meets them in the same order."""
+    return mx.distributed.all_sum(x, group=group, stream=generation_stream)
+
+
+def _broadcast_text(text: Optional[str], group) -> str:
+    """Rank 0's ``text`` on every rank of ``group`` (the others pass None)."""
+    data = text.encode() if group.rank() == 0 else b""
+    size = _all_sum(mx.array(len(data)), group).item()
+    if size == 0:
+        return ""
+    codes = np.frombuffer(data, dtype=np.uint8) if data else np.zeros(size, np.uint8)
+    total = _all_sum(mx.array(codes.astype(np.int32)), group)
+    return np.array(total).astype(np.uint8).tobytes().decode()
+
+
+def follow(worker: "GenerationWorker", defaults: ServerDefaults):
+    """A rank other than 0 of a server across ranks: run every job rank 0 runs
+    (its share of the model's work), with nothing to answer, until rank 0 stops."""
+    while True:
+        text = _broadcast_text(None, worker.group)
+        if not text:
+            break
+        kind, body = json.loads(text)
+        worker.serve(Job(parse_request(body, kind, defaults, worker.models)))
+    mx.clear_streams()
 
 
 @dataclass
@@ -833,9 +869,17 @@ class GenerationWorker:
     ``("done", {...})``; or ``("error", APIError)`` at any point.
     """
 
-    def __init__(self, models: ServedModels, prefill_step_size: Optional[int] = None):
+    def __init__(
+        self,
+        models: ServedModels,
+        prefill_step_size: Optional[int] = None,
+        group: Optional[mx.distributed.Group] = None,
+    ):
         self.models = models
         self.prefill_step_size = prefill_step_size
+        # Across ranks (a model split over ``group``): rank 0's worker sends
+        # every job it runs to the others, whose followers run it too.
+        self.group = group
         self.counts = {"completed": 0, "cancelled": 0, "skipped": 0, "failed": 0}
         self._jobs = queue.Queue()
         self._current = None
@@ -877,16 +921,24 @@ class GenerationWorker:
             if job.cancelled:
                 self.counts["skipped"] += 1
                 continue
-            self._current = job
-            outcome = self._attempt(job)
-            self._current = None
-            self.counts[outcome] += 1
-            if outcome != "completed":
-                # Whatever the failed request held is unreachable by now.
-                self._reusable = None
-                mx.clear_cache()
+            if self.group is not None:
+                _broadcast_text(json.dumps(job.source), self.group)
+            self.serve(job)
+        if self.group is not None:
+            _broadcast_text("", self.group)  # the followers' end
         # This thread's streams must go with it, or the process aborts at exit.
         mx.clear_streams()
+
+    def serve(self, job: Job):
+        """Run ``job`` and count how it ended (on this thread)."""
+        self._current = job
+        outcome = self._attempt(job)
+        self._current = None
+        self.counts[outcome] += 1
+        if outcome != "completed":
+            # Whatever the failed request held is unreachable by now.
+            self._reusable = None
+            mx.clear_cache()
 
     def _attempt(self, job: Job) -> str:
         try:
@@ -970,7 +1022,12 @@ class GenerationWorker:
         job.emit("start", {"prompt_tokens": len(prompt), "cached_tokens": cached})
 
         def check_cancel(*_):
-            if job.cancelled or self._stopping.is_set():
+            stop = job.cancelled or self._stopping.is_set()
+            if self.group is not None:
+                # Every rank stops at the same step as rank 0 (whose client
+                # may have left): one small all-reduce per token.
+                stop = _all_sum(mx.array(int(stop)), self.group).item() > 0
+            if stop:
                 raise _Cancelled()
 
         steps = stream_generate(
@@ -1494,7 +1551,7 @@ class APIHandler(BaseHTTPRequestHandler):
     def _complete(self, kind):
         body = self._read_body()
         request = parse_request(body, kind, self.server.defaults, self.server.models)
-        job = Job(request)
+        job = Job(request, source=(kind, body))
         self.server.worker.submit(job)
         try:
             if request.stream:
@@ -1603,6 +1660,7 @@ class APIServer(ThreadingHTTPServer):
         prefill_step_size: Optional[int] = None,
         allowed_hosts=LOOPBACK_HOSTS,
         allowed_origins=(),
+        group=None,
     ):
         super().__init__(address, APIHandler)
         # Web origins whose pages may call the server ("*": any).
@@ -1620,7 +1678,7 @@ class APIServer(ThreadingHTTPServer):
         self.max_request_bytes = max_request_bytes
         self.log_requests = log_requests
         self.created = int(time.time())
-        self.worker = GenerationWorker(models, prefill_step_size=prefill_step_size)
+        self.worker = GenerationWorker(models, prefill_step_size, group)
         self.worker.start()
 
     def close(self):
@@ -1753,6 +1811,12 @@ def setup_arg_parser():
         help="Let special-token text typed in chat messages (<|im_end|>...) act as "
         "control tokens, as before; by default it is encoded as plain text",
     )
+    p.add_argument(
+        "--pipeline",
+        action="store_true",
+        help="Under mlx.launch, give each rank a run of layers instead of a share "
+        "of every layer's heads",
+    )
     add_prefill_argument(p)
     p.add_argument(
         "--log-requests", action="store_true", help="Log every request to stderr"
@@ -1769,18 +1833,24 @@ def allowed_hosts(args: argparse.Namespace) -> List[str]:
     return list(dict.fromkeys(names))
 
 
-def build_server(args: argparse.Namespace) -> APIServer:
-    """Load the model named by ``args`` and bind the server (not yet serving).
-
-    ``ValueError`` when a memory option is invalid.
-    """
+def _models_and_defaults(args: argparse.Namespace, group=None):
+    """The served models (the default one loaded, split over ``group`` when
+    given) and the request defaults ``args`` name."""
     from .utils import load, resolve_model_argument
 
     kv_config = kv_config_from_args(args)
+
+    def loader(source):
+        model, tokenizer = load(source, lazy=group is not None)
+        if group is not None:
+            model.pipeline(group) if args.pipeline else model.shard(group)
+            mx.eval(model.parameters())
+        return model, tokenizer
+
     models = ServedModels(
         resolve_model_argument(args.model),
         args.allowed_models,
-        load,
+        loader,
         default_name=args.served_model_name,
     )
     models.get(models.default_id)
@@ -1795,6 +1865,16 @@ def build_server(args: argparse.Namespace) -> APIServer:
         kv_config=kv_config,
         control_tokens_in_messages=args.control_tokens_in_messages,
     )
+    return models, defaults
+
+
+def build_server(args: argparse.Namespace, group=None) -> APIServer:
+    """Load the model named by ``args`` and bind the server (not yet serving);
+    with ``group``, rank 0's server over a model split across its ranks.
+
+    ``ValueError`` when a memory option is invalid.
+    """
+    models, defaults = _models_and_defaults(args, group)
     return APIServer(
         (args.host, args.port),
         models,
@@ -1804,17 +1884,15 @@ def build_server(args: argparse.Namespace) -> APIServer:
         prefill_step_size=args.prefill_step_size,
         allowed_hosts=allowed_hosts(args),
         allowed_origins=args.allow_origin,
+        group=group,
     )
 
 
 def main(argv=None):
     parser = setup_arg_parser()
     args = parser.parse_args(argv)
-    if mx.distributed.init().size() > 1:
-        parser.error(
-            "the server does not run across ranks yet: start one process, or use "
-            "mlx_lm.generate under mlx.launch"
-        )
+    group = mx.distributed.init()
+    group = group if group.size() > 1 else None
     try:
         kv_config_from_args(args)
     except ValueError as e:
@@ -1830,8 +1908,18 @@ def main(argv=None):
             "it has no authentication.",
             file=sys.stderr,
         )
+    if group is not None and group.rank() > 0:
+        # Under mlx.launch: rank 0 serves, the others run its jobs with it
+        # and stop when it does (Ctrl-C reaches every rank: only rank 0 acts).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            models, defaults = _models_and_defaults(args, group)
+        except ValueError as e:
+            parser.error(str(e))
+        follow(GenerationWorker(models, args.prefill_step_size, group), defaults)
+        return
     try:
-        server = build_server(args)
+        server = build_server(args, group)
     except ValueError as e:
         parser.error(str(e))
     host, port = server.server_address[:2]

@@ -4,19 +4,27 @@ one process's for every cache option and each rank must hold half the KV
 cache; with tensor parallelism, weights plus cache per rank at most 0.55 of
 one process's."""
 
+import http.client
 import json
+import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 import unittest
+import uuid
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 from helpers import tiny_model, write_model_dir
 
+from mlx_lm import stream_generate
 from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.tokenizer_utils import load_tokenizer
 
 HERE = Path(__file__).parent
 WORKER = HERE / "tensor_parallel_worker.py"
@@ -145,6 +153,108 @@ class TestTensorParallel(unittest.TestCase):
             # One copy of the output (rank 0's), the same text as one process.
             self.assertEqual(two.stdout.count("=" * 10), 2, flags)
             self.assertEqual(two.stdout.split("=" * 10)[1], text, flags)
+
+    def test_server_across_ranks(self):
+        model, config = tiny_model(seed=7, **SHAPE)
+        folder = write_model_dir(Path(self.tmp.name) / "served", model, config)
+        for flags in ([], ["--pipeline"]):
+            with self.subTest(flags=flags):
+                self.serve_across_ranks(model, folder, flags)
+
+    def serve_across_ranks(self, model, folder, flags):
+        """Rank 0 serves, rank 1 follows: the answers of one process, a
+        client's departure stops both ranks, SIGTERM to rank 0 ends both."""
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        marker = uuid.uuid4().hex
+        launcher = subprocess.Popen(
+            ["mlx.launch", "-n", "2", "--backend", "ring", "--", sys.executable]
+            + ["-m", "mlx_lm.server", "--model", str(folder), "--port", str(port)]
+            + flags,
+            cwd=HERE,
+            env={**os.environ, "TP_SERVER_TEST": marker},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.addCleanup(launcher.kill)
+        ranks = self.ranks_of(marker, 2)
+        self.addCleanup(
+            lambda: [os.kill(p, signal.SIGKILL) for p in ranks_alive(ranks)]
+        )
+        deadline = time.monotonic() + 120
+        while not ask(port, "GET", "/health"):
+            self.assertLess(time.monotonic(), deadline, "the server did not start")
+            time.sleep(0.5)
+
+        tokenizer = load_tokenizer(folder)
+        prompt = "the lazy dog " * 8
+        options = {"compact_kv_budget": 40, "compact_keep_recent": 4}
+        for extra in ({}, {**options, "compact_scope": "layer"}, {"window_size": 32}):
+            body = {"prompt": prompt, "max_tokens": 12, **extra}
+            reply = ask(port, "POST", "/v1/completions", body)
+            want = "".join(
+                r.text
+                for r in stream_generate(
+                    model, tokenizer, mx.array(tokenizer.encode(prompt)),
+                    max_tokens=12, **extra,
+                )
+            )  # fmt: skip
+            self.assertIn("choices", reply, reply)
+            self.assertEqual(reply["choices"][0]["text"], want, extra)
+        # A client that leaves mid-generation: every rank stops with rank 0.
+        body = json.dumps({"prompt": prompt, "max_tokens": 3000}).encode()
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            s.sendall(
+                b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
+                b"application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+            )
+            time.sleep(1.0)
+        deadline = time.monotonic() + 60
+        while ask(port, "GET", "/health")["requests"]["cancelled"] < 1:
+            self.assertLess(time.monotonic(), deadline, "the request ran on")
+            time.sleep(0.2)
+        reply = ask(port, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 4})
+        self.assertEqual(reply["usage"]["completion_tokens"], 4)
+        # SIGTERM to rank 0 stops both ranks cleanly.
+        os.kill(ranks[0], signal.SIGTERM)
+        self.assertEqual(launcher.wait(60), 0)
+
+    def ranks_of(self, marker, count):
+        """Process ids of the ranks started with ``marker``, by rank."""
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            found = {}
+            for proc in Path("/proc").iterdir():
+                try:
+                    env = (proc / "environ").read_bytes().split(b"\0")
+                except (OSError, ValueError):
+                    continue
+                if f"TP_SERVER_TEST={marker}".encode() in env:
+                    for item in env:
+                        if item.startswith(b"MLX_RANK="):
+                            found[int(item[9:])] = int(proc.name)
+            if len(found) == count:
+                return [found[r] for r in range(count)]
+            time.sleep(0.2)
+        self.fail("the ranks did not start")
+
+
+def ranks_alive(pids):
+    return [p for p in pids if Path(f"/proc/{p}").exists()]
+
+
+def ask(port, method, path, body=None):
+    """The JSON reply, or None when the server cannot be reached yet."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    try:
+        data = None if body is None else json.dumps(body)
+        conn.request(method, path, data, {"Content-Type": "application/json"})
+        return json.loads(conn.getresponse().read())
+    except (ConnectionError, OSError):
+        return None
+    finally:
+        conn.close()
 
 
 if __name__ == "__main__":
