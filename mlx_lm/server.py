@@ -730,12 +730,17 @@ def reuse_cache(previous: Optional[_Reusable], model_id, config, prompt):
     return cache, common
 
 
-def cache_report(config: KVCacheConfig, cache) -> dict:
+def cache_report(config: KVCacheConfig, cache, model=None, group=None) -> dict:
     """The ``kv_cache`` object of a response: the options in effect, then
     ``tokens_evicted``, ``evictions`` and ``tokens_held`` summed over layers (as
     :func:`~mlx_lm.models.cache.cache_eviction_stats` counts them, over the whole
     life of the cache, so a reused cache includes earlier turns) and ``kv_bytes``,
-    the bytes of keys and values held by all layers."""
+    the bytes of keys and values held by all layers.
+
+    Across ranks (``group``) the figures are the whole model's: the bytes are
+    summed over ranks, and so are the token counts of a pipeline (each rank
+    holds some layers; with tensor parallelism every rank holds every layer's
+    tokens, for its share of the heads)."""
     stats = cache_eviction_stats(cache)
     report = {
         f.name: getattr(config, f.name)
@@ -753,6 +758,13 @@ def cache_report(config: KVCacheConfig, cache) -> dict:
     report["evictions"] = stats["total_evictions"]
     report["tokens_held"] = stats["current_size"]
     report["kv_bytes"] = sum(c.nbytes for c in cache)
+    if group is not None:
+        names = ["kv_bytes"]
+        if getattr(model, "pipeline_group", None) is not None:
+            names += ["tokens_evicted", "evictions", "tokens_held"]
+        counts = mx.array([report[k] for k in names], dtype=mx.int64)
+        totals = _all_sum(counts, group).tolist()
+        report.update(zip(names, totals))
     return report
 
 
@@ -1078,7 +1090,7 @@ class GenerationWorker:
             if tail or held:
                 job.emit("delta", {"text": tail, "logprobs": held})
 
-        report = cache_report(kv_config, cache)
+        report = cache_report(kv_config, cache, model, self.group)
         offsets = {c.offset for c in cache}
         if len(offsets) == 1:
             history = (prompt + generated)[: offsets.pop()]

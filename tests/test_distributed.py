@@ -191,17 +191,23 @@ class TestTensorParallel(unittest.TestCase):
         prompt = "the lazy dog " * 8
         options = {"compact_kv_budget": 40, "compact_keep_recent": 4}
         for extra in ({}, {**options, "compact_scope": "layer"}, {"window_size": 32}):
-            body = {"prompt": prompt, "max_tokens": 12, **extra}
+            body = {"prompt": prompt, "max_tokens": 12, "cache": "fresh", **extra}
             reply = ask(port, "POST", "/v1/completions", body)
+            cache = make_prompt_cache(model, **extra)
             want = "".join(
                 r.text
                 for r in stream_generate(
                     model, tokenizer, mx.array(tokenizer.encode(prompt)),
-                    max_tokens=12, **extra,
+                    max_tokens=12, prompt_cache=cache, **extra,
                 )
             )  # fmt: skip
             self.assertIn("choices", reply, reply)
             self.assertEqual(reply["choices"][0]["text"], want, extra)
+            # The report is the whole model's, not rank 0's part.
+            report = reply["kv_cache"]
+            self.assertEqual(report["kv_bytes"], sum(c.nbytes for c in cache))
+            held = sum(c.size() for c in cache)
+            self.assertEqual(report["tokens_held"], held, extra)
         # A client that leaves mid-generation: every rank stops with rank 0.
         body = json.dumps({"prompt": prompt, "max_tokens": 3000}).encode()
         with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
