@@ -114,19 +114,11 @@ class TestTensorParallel(unittest.TestCase):
                 self.assertLess(held, memory * (want["weights"] + want["kv_bytes"]))
 
     def test_pipeline_matches_one_process(self):
-        # Model scope ranks all layers together: refused (see below).
-        options = {k: v for k, v in OPTIONS.items() if "model scope" not in k}
         for name in ("llama, 4-bit weights", "phi3 (fused projections)",
                      "gemma3_text (sliding layers)"):  # fmt: skip
             with self.subTest(model=name):
                 # The norms, the embedding and the head are whole on each rank.
-                self.assert_split(self.folder(name), "pipeline", options, 1.0)
-
-    def test_pipeline_refuses_model_scope(self):
-        model, _ = tiny_model(seed=4, **SHAPE)
-        model.pipeline(mx.distributed.init())
-        with self.assertRaisesRegex(ValueError, "compact_scope='model'"):
-            make_prompt_cache(model, compact_kv_budget=40, compact_scope="model")
+                self.assert_split(self.folder(name), "pipeline", OPTIONS, 1.0)
 
     def test_two_ranks_match_one_process(self):
         for name in MODELS:

@@ -1354,6 +1354,9 @@ class CompressedKVCache(_BaseCache):
     # then averaged over the heads of every rank, so all ranks keep the same
     # tokens as one process would.
     group = None
+    # The pipeline this layer's model is split over: model-scope ranking then
+    # averages the scores of every rank's layers.
+    pipeline_group = None
 
     def __init__(
         self,
@@ -2087,8 +2090,15 @@ def compact_prompt_cache(prompt_cache: List[Any], slack: Optional[int] = None) -
         _check_shared(shared)
         first = shared[0][1]
         if first.size() > first.budget + (first.margin if slack is None else slack):
-            scores = [c.head_mean(c.head_scores()) for _, c in shared]
-            kept = first.select(first.budget, mx.mean(mx.stack(scores), axis=0))
+            total = sum(c.head_mean(c.head_scores()) for _, c in shared)
+            count = mx.array(len(shared), dtype=total.dtype)
+            if first.pipeline_group is not None:  # the other ranks' layers too
+                total = mx.distributed.all_sum(total, group=first.pipeline_group)
+                count = mx.distributed.all_sum(count, group=first.pipeline_group)
+                # Now: left lazy, a later rank could meet its next receive
+                # first while the rank before waits here.
+                mx.eval(total, count)
+            kept = first.select(first.budget, total / count)
             for _, layer in shared:
                 layer.compact(kept)
             done += len(shared)
@@ -2166,24 +2176,29 @@ def make_prompt_cache(
         return layers
     head_dim = model_head_dim(model)
     layers = [_bounded_layer(c, config, i, head_dim) for i, c in enumerate(layers)]
-    return _for_ranks(model, layers)
+    return _for_ranks(model, layers, config)
 
 
-def _for_ranks(model, layers: List[Any]) -> List[Any]:
-    """Tell the compressed layers of a tensor-parallel ``model`` its group;
-    refuse model-scope compaction in a pipeline, whose ranks each hold some of
-    the layers it would rank together."""
+def _for_ranks(model, layers: List[Any], config: "KVCacheConfig") -> List[Any]:
+    """Tell the compressed layers of a split ``model`` its tensor-parallel or
+    pipeline group. Under a pipeline with model-scope compaction every rank
+    must hold such a layer (each takes part in every ranking)."""
     group = getattr(model, "tensor_group", None)
-    pipeline = getattr(model, "pipeline_group", None) is not None
+    pipeline = getattr(model, "pipeline_group", None)
+    ranked = 0
     for layer in layers:
         storage = getattr(layer, "inner", layer)
         if isinstance(storage, CompressedKVCache):
-            storage.group = group
-            if pipeline and storage.scope == "model":
-                raise ValueError(
-                    "compact_scope='model' ranks the tokens of all layers together, "
-                    "which a pipeline splits across ranks: use 'layer' or 'head'"
-                )
+            storage.group, storage.pipeline_group = group, pipeline
+            ranked += storage.scope == "model"
+    model_scope = (
+        config.compact_kv_budget is not None and config.compact_scope == "model"
+    )
+    if pipeline is not None and model_scope and not ranked:
+        raise ValueError(
+            f"pipeline rank {pipeline.rank()} holds no layer that compact_scope="
+            "'model' ranks: use 'layer' or 'head', or split the layers otherwise"
+        )
     return layers
 
 
@@ -2245,7 +2260,7 @@ class KVCacheBuilder:
             )
             for i, layer in enumerate(own)
         ]
-        return _for_ranks(model, layers)
+        return _for_ranks(model, layers, config)
 
 
 # Tokens a max_kv_size cache keeps at the front, whatever it evicts.
