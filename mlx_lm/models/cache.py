@@ -2090,15 +2090,18 @@ def compact_prompt_cache(prompt_cache: List[Any], slack: Optional[int] = None) -
         _check_shared(shared)
         first = shared[0][1]
         if first.size() > first.budget + (first.margin if slack is None else slack):
-            total = sum(c.head_mean(c.head_scores()) for _, c in shared)
-            count = mx.array(len(shared), dtype=total.dtype)
-            if first.pipeline_group is not None:  # the other ranks' layers too
-                total = mx.distributed.all_sum(total, group=first.pipeline_group)
-                count = mx.distributed.all_sum(count, group=first.pipeline_group)
+            scores = mx.stack([c.head_mean(c.head_scores()) for _, c in shared])
+            group = first.pipeline_group
+            if group is None:
+                mean = mx.mean(scores, axis=0)
+            else:  # the other ranks' layers too
+                total = mx.distributed.all_sum(mx.sum(scores, axis=0), group=group)
+                count = mx.distributed.all_sum(mx.array(len(shared)), group=group)
                 # Now: left lazy, a later rank could meet its next receive
                 # first while the rank before waits here.
                 mx.eval(total, count)
-            kept = first.select(first.budget, total / count)
+                mean = total / count.astype(total.dtype)
+            kept = first.select(first.budget, mean)
             for _, layer in shared:
                 layer.compact(kept)
             done += len(shared)
