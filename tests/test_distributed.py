@@ -27,6 +27,9 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.tokenizer_utils import load_tokenizer
 
 HERE = Path(__file__).parent
+# MLX's launcher: the one installed beside this interpreter, else on PATH.
+_BESIDE = Path(sys.executable).with_name("mlx.launch")
+LAUNCH = str(_BESIDE) if _BESIDE.exists() else shutil.which("mlx.launch")
 WORKER = HERE / "tensor_parallel_worker.py"
 COMPACT = {"compact_kv_budget": 40, "compact_keep_recent": 4}
 OPTIONS = {
@@ -63,7 +66,7 @@ def run(args, timeout=180):
 class TestTensorParallel(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        if shutil.which("mlx.launch") is None:
+        if LAUNCH is None:
             raise unittest.SkipTest("mlx.launch is not installed")
         cls.tmp = tempfile.TemporaryDirectory()
 
@@ -77,7 +80,7 @@ class TestTensorParallel(unittest.TestCase):
         command += [str(out), mode]
         if ranks > 1:
             command = [
-                "mlx.launch",
+                LAUNCH,
                 "-n",
                 str(ranks),
                 "--backend",
@@ -135,7 +138,7 @@ class TestTensorParallel(unittest.TestCase):
         alone = run(command + ["--compact-scope", "layer"])
         self.assertEqual(alone.returncode, 0, alone.stderr[-2000:])
         text = alone.stdout.split("=" * 10)[1]
-        launch = ["mlx.launch", "-n", "2", "--backend", "ring", "--"]
+        launch = [LAUNCH, "-n", "2", "--backend", "ring", "--"]
         for flags in (
             ["--compact-scope", "layer"],
             ["--compact-scope", "layer", "--pipeline"],
@@ -161,7 +164,7 @@ class TestTensorParallel(unittest.TestCase):
             port = s.getsockname()[1]
         marker = uuid.uuid4().hex
         launcher = subprocess.Popen(
-            ["mlx.launch", "-n", "2", "--backend", "ring", "--", sys.executable]
+            [LAUNCH, "-n", "2", "--backend", "ring", "--", sys.executable]
             + ["-m", "mlx_lm.server", "--model", str(folder), "--port", str(port)]
             + flags,
             cwd=HERE,
