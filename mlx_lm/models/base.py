@@ -93,6 +93,10 @@ def shard_layers(model, group) -> None:
     """
     from mlx.nn.layers.distributed import shard_linear
 
+    def split(module, name, how, segments=1):
+        layer = shard_linear(getattr(module, name), how, segments=segments, group=group)
+        setattr(module, name, layer)
+
     n = group.size()
     for i, layer in enumerate(model.layers):
         attn, mlp = layer.self_attn, layer.mlp
@@ -101,16 +105,6 @@ def shard_layers(model, group) -> None:
                 f"layer {i} has {attn.n_heads} query and {attn.n_kv_heads} KV heads, "
                 f"which {n} ranks cannot share evenly"
             )
-
-        def split(module, name, how, segments=1):
-            setattr(
-                module,
-                name,
-                shard_linear(
-                    getattr(module, name), how, segments=segments, group=group
-                ),
-            )
-
         if hasattr(attn, "qkv_proj"):
             q_dim = attn.n_heads * attn.head_dim
             kv_dim = attn.n_kv_heads * attn.head_dim

@@ -2245,7 +2245,8 @@ class KVCacheBuilder:
             args, "num_attention_heads", None
         )
         # A tensor-parallel rank holds its share of the heads.
-        attn = getattr(model.layers[0], "self_attn", None) if model.layers else None
+        layers = getattr(model, "layers", None)
+        attn = getattr(layers[0], "self_attn", None) if layers else None
         heads = getattr(attn, "n_kv_heads", heads)
         head_dim = model_head_dim(model)
         if heads is None or head_dim is None:
