@@ -496,8 +496,11 @@ def generate(
         group = getattr(model, "pipeline_group", None)
         if group is not None:  # each rank holds some of the layers
             names = ("tokens_evicted", "total_evictions", "current_size")
+            # Behind the model's own collectives, in the same order on every rank.
             totals = mx.distributed.all_sum(
-                mx.array([stats[k] for k in names]), group=group
+                mx.array([stats[k] for k in names], dtype=mx.int64),
+                group=group,
+                stream=generation_stream,
             )
             stats = dict(zip(names, totals.tolist()))
         if bounded or stats["tokens_evicted"]:
